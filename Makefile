@@ -1,0 +1,37 @@
+# EchoX Voice. `make demo` runs the main job on the embedded default; `make test` runs every non-gpu test.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+APT_PACKAGES := espeak-ng sox
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install demo test lint typecheck clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install-apt.sh
+	bash scripts/install-apt.sh $(APT_PACKAGES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/echox demo
+
+test: install
+	$(VENV)/bin/ruff check echox services training tests
+	$(VENV)/bin/mypy
+	$(PY) -m pytest -m "not gpu" tests
+
+lint:
+	$(VENV)/bin/ruff check echox services training tests
+
+typecheck:
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""EchoX model modules: one file per module, each with its frozen config dataclass."""
