@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml scripts/install-apt.sh
 	bash scripts/install-apt.sh $(APT_PACKAGES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,training]"
 	touch $(STAMP)
 
 demo: install

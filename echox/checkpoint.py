@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from echox import __version__
+from echox.config import ConfigBase
 from echox.errors import ConfigError, EchoXError, ModelLoadError
 from echox.models.echox import EchoXConfig, EchoXModel
 from echox.tokenizer import TextTokenizer, byte_level_tokenizer
@@ -140,3 +141,44 @@ def read_config(folder: Path) -> EchoXConfig:
 
 def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+C = TypeVar("C", bound=ConfigBase)
+
+
+def save_part(folder: str | Path, name: str, module: torch.nn.Module, config: ConfigBase) -> Path:
+    """One module of a model (what a training stage produces): NAME.safetensors + NAME.json."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT_NAME + "-part", "format_version": FORMAT_VERSION, "config": config.to_dict()}
+    (folder / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    save_model(module, str(folder / f"{name}.safetensors"))
+    return folder / f"{name}.safetensors"
+
+
+def read_part_config(folder: str | Path, name: str, config_type: type[C]) -> C:
+    path = Path(folder) / f"{name}.json"
+    if not path.is_file():
+        raise ModelLoadError(f"no {name} in {folder}: {path.name} is missing")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict) or int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise ModelLoadError(f"{path} is not a part file this echox can read")
+    try:
+        return config_type.from_dict(meta["config"])
+    except (EchoXError, KeyError) as exc:
+        raise ModelLoadError(f"{path}: {exc}") from None
+
+
+def load_part_weights(folder: str | Path, name: str, module: torch.nn.Module) -> torch.nn.Module:
+    """Loads NAME.safetensors into `module` (strict)."""
+    path = Path(folder) / f"{name}.safetensors"
+    try:
+        missing, unexpected = load_model(module, str(path), strict=False)
+    except (SafetensorError, RuntimeError, OSError, FileNotFoundError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {_first_line(exc)}") from None
+    if missing or unexpected:
+        raise ModelLoadError(f"{path} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return module

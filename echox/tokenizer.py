@@ -19,21 +19,34 @@ from echox.errors import ConfigError, ModelLoadError
 
 @dataclasses.dataclass(frozen=True)
 class ChatFormat(ConfigBase):
-    """How a conversation becomes a prompt. Every marker is one special token of the tokenizer."""
+    """How a conversation becomes a prompt.
+
+    `bos`, `eos` (the end-of-answer token), `audio_patch` and `pad` are single special tokens.
+    The other markers are text in which special tokens are recognised, so a format whose role
+    headers span several tokens (Llama-3's) is expressed exactly. A prompt is:
+    bos, system, then per earlier turn user_prefix + text_prefix + user text + user_suffix +
+    assistant_prefix + text_prefix + answer + assistant_suffix, then for the spoken turn
+    user_prefix + audio_message + user_suffix + assistant_prefix.
+    """
 
     bos: str = "<|bos|>"
+    eos: str = "<|end|>"
     user_prefix: str = "<|user|>"
     user_suffix: str = "<|end|>"
     assistant_prefix: str = "<|assistant|>"
     assistant_suffix: str = "<|end|>"
     audio_patch: str = "<audio_patch>"
+    audio_message: str = "<audio_patch>"  # the user's spoken message; holds one audio_patch
+    text_prefix: str = ""  # before every text message body
+    system: str = ""  # a whole system block, markers included; empty: none
     pad: str = "<|pad|>"
     period: str = "."
 
     def special_tokens(self) -> list[str]:
-        ordered = [self.pad, self.bos, self.user_prefix, self.user_suffix, self.assistant_prefix]
+        """The tokens a tokenizer trained for this format must add as special tokens."""
+        ordered = [self.pad, self.bos, self.eos, self.user_prefix, self.user_suffix, self.assistant_prefix]
         ordered += [self.assistant_suffix, self.audio_patch]
-        return list(dict.fromkeys(ordered))
+        return [t for t in dict.fromkeys(ordered) if t]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,21 +62,33 @@ class TextTokenizer:
 
     def __init__(self, tokenizer: Tokenizer, chat: ChatFormat) -> None:
         self.backend = tokenizer
+        self.chat = chat
+        singles = [chat.bos, chat.eos, chat.audio_patch, chat.pad]
+        missing = [t for t in singles if tokenizer.token_to_id(t) is None]
+        if missing:
+            raise ConfigError(f"the tokenizer lacks the chat format's special tokens {missing}")
+        tokenizer.encode_special_tokens = False  # markers are parsed with specials recognised
+        self._markers = {name: self._marker_ids(getattr(chat, name)) for name in _MARKERS}
+        if self._markers["audio_message"].count(self.special_id(chat.audio_patch)) != 1:
+            raise ConfigError("the chat format's audio_message must hold exactly one audio_patch")
         # Text never turns into control tokens: a caller saying "<|end|>" cannot end a turn.
         # The prompt's markers are inserted by id in prompt_ids().
         self.backend.encode_special_tokens = True
-        self.chat = chat
-        missing = [t for t in chat.special_tokens() if tokenizer.token_to_id(t) is None]
-        if missing:
-            raise ConfigError(f"the tokenizer lacks the chat format's special tokens {missing}")
         period_ids = tokenizer.encode(chat.period, add_special_tokens=False).ids
         if len(period_ids) != 1:
             raise ConfigError(f"the period {chat.period!r} must be one token, got {period_ids}")
         self.period_id = period_ids[0]
         self.audio_patch_id = self.special_id(chat.audio_patch)
         self.bos_id = self.special_id(chat.bos)
-        self.eos_id = self.special_id(chat.assistant_suffix)
+        self.eos_id = self.special_id(chat.eos)
         self.pad_id = self.special_id(chat.pad)
+
+    def _marker_ids(self, text: str) -> list[int]:
+        """A marker's ids, special tokens recognised (only at construction, before text mode)."""
+        return list(self.backend.encode(text, add_special_tokens=False).ids) if text else []
+
+    def marker_ids(self, name: str) -> list[int]:
+        return list(self._markers[name])
 
     def special_id(self, token: str) -> int:
         token_id = self.backend.token_to_id(token)
@@ -81,17 +106,16 @@ class TextTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.backend.decode(list(ids), skip_special_tokens=True))
 
-    def prompt_ids(self, history: Sequence[Turn] = ()) -> list[int]:
-        """The prompt for a spoken turn: earlier turns as text, then one `<audio_patch>`."""
-        c = self.chat
-        ids = [self.bos_id]
+    def prompt_ids(self, history: Sequence[Turn] = (), question: str | None = None) -> list[int]:
+        """The prompt for a turn: earlier turns as text, then the user's message (one
+        `<audio_patch>` for a spoken turn, or `question` as text), then the assistant header."""
+        m = self._markers
+        ids = [self.bos_id, *m["system"]]
         for turn in history:
-            ids += [self.special_id(c.user_prefix), *self.encode(turn.user), self.special_id(c.user_suffix)]
-            ids += [self.special_id(c.assistant_prefix), *self.encode(turn.assistant)]
-            ids.append(self.special_id(c.assistant_suffix))
-        ids += [self.special_id(c.user_prefix), self.audio_patch_id, self.special_id(c.user_suffix)]
-        ids.append(self.special_id(c.assistant_prefix))
-        return ids
+            ids += [*m["user_prefix"], *m["text_prefix"], *self.encode(turn.user), *m["user_suffix"]]
+            ids += [*m["assistant_prefix"], *m["text_prefix"], *self.encode(turn.assistant), *m["assistant_suffix"]]
+        message = m["audio_message"] if question is None else [*m["text_prefix"], *self.encode(question)]
+        return [*ids, *m["user_prefix"], *message, *m["user_suffix"], *m["assistant_prefix"]]
 
     def save(self, path: str | Path) -> None:
         self.backend.save(str(path))
@@ -103,6 +127,11 @@ class TextTokenizer:
         except Exception as exc:  # the tokenizers library raises a bare Exception on bad JSON
             raise ModelLoadError(f"cannot read tokenizer {path}: {exc}") from None
         return cls(backend, chat)
+
+
+_MARKERS = (
+    "system", "user_prefix", "user_suffix", "assistant_prefix", "assistant_suffix", "audio_message", "text_prefix"
+)
 
 
 class IncrementalDecoder:

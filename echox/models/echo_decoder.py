@@ -8,6 +8,7 @@ maps every H-wide embedding to the decoder width; the head predicts over text+un
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,6 +32,8 @@ class EchoDecoderConfig(ConfigBase):
     intermediate_size: int = 2048
     max_position_embeddings: int = 2048
     rope_theta: float = 10000.0
+    # A full transformers `rope_parameters` dict (e.g. llama3 scaling); overrides rope_theta.
+    rope_parameters: dict[str, Any] | None = None
     rms_norm_eps: float = 1e-5
     aligner_intermediate_size: int = 8192
     aligner_dropout: float = 0.1
@@ -58,7 +61,7 @@ class EchoDecoderConfig(ConfigBase):
             num_key_value_heads=self.num_kv_heads,
             max_position_embeddings=self.max_position_embeddings,
             rms_norm_eps=self.rms_norm_eps,
-            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+            rope_parameters=self.rope_parameters or {"rope_type": "default", "rope_theta": self.rope_theta},
             pad_token_id=None,
             bos_token_id=None,
             eos_token_id=None,

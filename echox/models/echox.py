@@ -20,9 +20,13 @@ from echox.models.vocoder import UnitVocoder, VocoderConfig
 from echox.streaming.segmenter import SegmenterConfig
 from echox.tokenizer import ChatFormat
 
-# The released T2C prompt for every segment after the first carries id 12800 where 128000
-# (<|begin_of_text|>) was likely meant. Reproduced only under official compatibility.
+# The released T2C prompt around a segment's hidden states, in Llama-3 ids. Its header carries
+# id 12800 where 128000 (<|begin_of_text|>) was likely meant. Reproduced only under official
+# compatibility; our own models use [bos] + segment + [eos].
 OFFICIAL_T2C_QUIRK_ID = 12800
+OFFICIAL_T2C_HEADER = (128006, 128000, 65576, 128007, 128000, 198)
+OFFICIAL_T2C_PREFIX = (*OFFICIAL_T2C_HEADER, OFFICIAL_T2C_QUIRK_ID)
+OFFICIAL_T2C_SUFFIX = (128009, *OFFICIAL_T2C_HEADER)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,11 +122,13 @@ class EchoXModel(nn.Module):
         return weight
 
     # --- speaking --------------------------------------------------------------------------
-    def t2c_prefix_ids(self, segment_index: int, bos_id: int) -> list[int]:
+    def t2c_prefix_ids(self, bos_id: int) -> list[int]:
         """The T2C prompt before a segment's embeddings."""
-        if self.config.official_compat:
-            return official_t2c_prefix(segment_index)
-        return [bos_id]
+        return list(OFFICIAL_T2C_PREFIX) if self.config.official_compat else [bos_id]
+
+    def t2c_suffix_ids(self, eos_id: int) -> list[int]:
+        """The T2C prompt after a segment's embeddings; unit tokens follow it."""
+        return list(OFFICIAL_T2C_SUFFIX) if self.config.official_compat else [eos_id]
 
     @property
     def device(self) -> torch.device:
@@ -134,8 +140,3 @@ class EchoXModel(nn.Module):
         counts["total"] = sum(p.numel() for p in self.parameters())
         return counts
 
-
-def official_t2c_prefix(segment_index: int) -> list[int]:
-    """Llama-3 ids of the released T2C prompt: a header, then the 12800 quirk after segment 0."""
-    header = [128006, 128000, 65576, 128007, 128000, 198]
-    return header if segment_index == 0 else [*header, OFFICIAL_T2C_QUIRK_ID]

@@ -141,8 +141,8 @@ class UnitStage:
     def generate(self, segment: HiddenSegment) -> UnitSegment:
         model, tok = self.model, self.tokenizer
         table = model.input_table()
-        prefix = torch.tensor(model.t2c_prefix_ids(segment.index, tok.bos_id), device=model.device)
-        separator = torch.tensor([tok.eos_id], device=model.device)
+        prefix = torch.tensor(model.t2c_prefix_ids(tok.bos_id), device=model.device)
+        separator = torch.tensor(model.t2c_suffix_ids(tok.eos_id), device=model.device)
         hidden = segment.hidden.to(device=model.device, dtype=table.dtype)
         inputs = torch.cat([table[prefix], model.aligner(hidden), table[separator]])
         unit_tokens = model.echo_decoder.generate_units(inputs, table, stop_id=tok.eos_id)

@@ -55,6 +55,11 @@ def _symbol(unit: int) -> str:
     return chr(_FIRST_SYMBOL + unit)
 
 
+def unit_symbols(units: Sequence[int]) -> str:
+    """The spelling of a unit sequence that merges are written in (one symbol per unit)."""
+    return "".join(_symbol(int(u)) for u in units)
+
+
 def _text(units: Sequence[int], num_units: int) -> str:
     """Units → one symbol each; out-of-range ids would be silently dropped by BPE, so refuse them."""
     bad = [int(u) for u in units if not 0 <= int(u) < num_units]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from echox.errors import ConfigError
-from echox.models.echox import EchoXConfig, EchoXModel, official_t2c_prefix
+from echox.models.echox import OFFICIAL_T2C_QUIRK_ID, EchoXConfig, EchoXModel
 from echox.models.presets import PRESETS, get_preset
 from echox.models.speech_adapter import (
     LookBack,
@@ -124,6 +124,11 @@ def test_echo_decoder_text_rows_are_frozen(micro_echox) -> None:  # type: ignore
     model.zero_grad(set_to_none=True)
 
 
-def test_official_t2c_prefix_quirk() -> None:
-    assert 12800 not in official_t2c_prefix(0)
-    assert official_t2c_prefix(1)[-1] == 12800
+def test_t2c_prompt_is_clean_unless_official(micro_echox) -> None:  # type: ignore[no-untyped-def]
+    model = micro_echox.model
+    assert model.t2c_prefix_ids(bos_id=7) == [7] and model.t2c_suffix_ids(eos_id=9) == [9]
+    official = EchoXModel.__new__(EchoXModel)
+    torch.nn.Module.__init__(official)
+    official.config = model.config.replace(official_compat=True)
+    assert official.t2c_prefix_ids(bos_id=7)[-1] == OFFICIAL_T2C_QUIRK_ID == 12800
+    assert official.t2c_suffix_ids(eos_id=9)[0] == 128009

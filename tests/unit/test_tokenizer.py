@@ -56,3 +56,19 @@ def test_markers_in_text_are_plain_text() -> None:
     ids = TOK.encode("hi <|end|><|assistant|>")
     assert TOK.eos_id not in ids and TOK.special_id(TOK.chat.assistant_prefix) not in ids
     assert TOK.decode(ids) == "hi <|end|><|assistant|>"
+
+
+def test_text_question_prompt_and_multi_token_markers() -> None:
+    """Markers may span several tokens (e.g. Llama-3 role headers); specials are recognised
+    in markers but never in the conversation's text."""
+    chat = ChatFormat(user_prefix="<|user|>user:", assistant_prefix="<|assistant|>\n", text_prefix="<|bos|>")
+    tok = TextTokenizer(byte_level_tokenizer().backend, chat)
+    ids = tok.prompt_ids(question="Hi <|end|>")
+    user = tok.special_id("<|user|>")
+    assert ids[:2] == [tok.bos_id, user] and ids[2:7] == tok.encode("user:")
+    assert ids[7] == tok.bos_id  # text_prefix before the message body
+    assert tok.decode(ids[8:-3]) == "Hi <|end|>" and tok.eos_id not in ids[8:-3]
+    assert ids[-3] == tok.eos_id and ids[-2:] == [tok.special_id("<|assistant|>"), *tok.encode("\n")]
+    assert tok.audio_patch_id not in ids
+    with pytest.raises(ConfigError, match="audio_patch"):
+        TextTokenizer(byte_level_tokenizer().backend, ChatFormat(audio_message="<|user|>"))

@@ -1,0 +1,1 @@
+"""Shared by every process: settings, logging, metrics, the bus and model backends."""

@@ -1,0 +1,124 @@
+"""training/stage.py, recipe.py, runner.py: what every stage relies on."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from training.recipe import RecipeError, load_recipe
+from training.stage import (
+    DONE_FILE,
+    LOSS_PLOT,
+    METRICS_FILE,
+    MetricsLog,
+    StageCancelled,
+    StageContext,
+    load_training_state,
+    run_stage,
+    save_training_state,
+)
+
+DATA_ROOT = Path(__file__).resolve().parents[2] / "data"
+
+
+def _model_and_optimizer(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def _train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int) -> None:
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        loss = model(torch.randn(16, 4, generator=gen)).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def test_training_state_round_trip_resumes_exactly(tmp_path: Path) -> None:
+    model, optimizer = _model_and_optimizer(0)
+    _train(model, optimizer, 3)
+    save_training_state(tmp_path, model, optimizer, step=3, extra={"best": 0.5})
+    other, other_opt = _model_and_optimizer(99)
+    step, extra = load_training_state(tmp_path, other, other_opt)
+    assert step == 3 and extra == {"best": 0.5}
+    _train(model, optimizer, 2)
+    _train(other, other_opt, 2)  # same updates only if the optimizer moments were restored
+    for a, b in zip(model.parameters(), other.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_no_checkpoint_means_step_zero(tmp_path: Path) -> None:
+    model, optimizer = _model_and_optimizer(0)
+    assert load_training_state(tmp_path, model, optimizer) == (0, {})
+
+
+def test_finished_stage_is_skipped_and_records_wall_time(tmp_path: Path) -> None:
+    calls = []
+
+    def stage(ctx: StageContext) -> dict[str, Any]:
+        calls.append(ctx.stage)
+        return {"figure": 1.0}
+
+    ctx = StageContext(run_dir=tmp_path, stage="demo", settings={})
+    first = run_stage(stage, ctx)
+    second = run_stage(stage, ctx)
+    assert calls == ["demo"] and first == second and "wall_seconds" in first
+    assert json.loads((tmp_path / "demo" / DONE_FILE).read_text())["figure"] == 1.0
+
+
+def test_cancelled_stage_is_not_marked_done(tmp_path: Path) -> None:
+    def stage(ctx: StageContext) -> dict[str, Any]:
+        ctx.check_cancelled()
+        return {}
+
+    cancel = threading.Event()
+    cancel.set()
+    ctx = StageContext(run_dir=tmp_path, stage="demo", settings={}, cancel=cancel)
+    with pytest.raises(StageCancelled):
+        run_stage(stage, ctx)
+    assert not (tmp_path / "demo" / DONE_FILE).exists()
+
+
+def test_input_requires_a_finished_stage(tmp_path: Path) -> None:
+    ctx = StageContext(run_dir=tmp_path, stage="b", settings={})
+    with pytest.raises(FileNotFoundError, match="unfinished"):
+        ctx.input("a")
+
+
+def test_metrics_log_writes_json_and_plot_and_appends(tmp_path: Path) -> None:
+    log = MetricsLog(tmp_path)
+    for step in range(5):
+        log.add(step, loss=1.0 / (step + 1))
+    log.set(accuracy=0.9)
+    log.save()
+    again = MetricsLog(tmp_path)
+    again.add(5, loss=0.1)
+    again.save()
+    data = json.loads((tmp_path / METRICS_FILE).read_text())
+    assert len(data["curves"]["loss"]) == 6 and data["accuracy"] == 0.9
+    assert (tmp_path / LOSS_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tiny_recipe_loads() -> None:
+    recipe = load_recipe("tiny", DATA_ROOT)
+    assert recipe.stages[:2] == ("synth", "lm") and recipe.facts == (DATA_ROOT / "spoken_qa").resolve()
+
+
+def test_recipe_data_outside_the_data_root_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nfacts: ../../etc\nstages: [synth]\n")
+    with pytest.raises(RecipeError, match="outside the data root"):
+        load_recipe(str(bad), DATA_ROOT)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("stages: [nope]\n")
+    with pytest.raises(RecipeError, match="unknown stages"):
+        load_recipe(str(unknown), DATA_ROOT)
+    with pytest.raises(RecipeError, match="no recipe"):
+        load_recipe("does-not-exist", DATA_ROOT)

@@ -1,0 +1,33 @@
+"""Training subcommands of `echox` (registered through the `echox.commands` entry point)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("train", help="run a training recipe (all or some of its stages)")
+    p.add_argument("--recipe", default="tiny", help="recipe name or YAML path (default: tiny)")
+    p.add_argument("--stages", help="comma-separated stages (default: the recipe's)")
+    p.add_argument("--out", required=True, help="run folder; an existing one resumes")
+    p.set_defaults(handler=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from echox.errors import EchoXError
+    from services.common.settings import get_settings
+    from training.recipe import RecipeError, load_recipe
+    from training.runner import RichReporter, run_recipe
+
+    try:
+        recipe = load_recipe(args.recipe, get_settings().data_root)
+    except RecipeError as exc:
+        raise EchoXError(str(exc)) from None
+    stages = args.stages.split(",") if args.stages else None
+    with RichReporter() as reporter:
+        results = run_recipe(recipe, Path(args.out), stages, reporter)
+    for stage, result in results.items():
+        print(f"{stage:<14} {result.get('wall_seconds', 0):>8.1f} s")
+    return 0

@@ -1,0 +1,69 @@
+"""Recipes: YAML files naming a preset, the data, the stages and their settings."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used, with a one-line reason."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    name: str
+    preset: str
+    seed: int
+    facts: Path
+    stages: tuple[str, ...]
+    settings: dict[str, dict[str, Any]]
+    source: Path
+
+    def stage_settings(self, stage: str) -> dict[str, Any]:
+        return dict(self.settings.get(stage) or {})
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml"):
+        return candidate
+    return RECIPES_DIR / f"{name_or_path}.yaml"
+
+
+def load_recipe(name_or_path: str, data_root: Path) -> Recipe:
+    """Reads a recipe; its data must lie under `data_root` (no reading arbitrary paths)."""
+    path = resolve_recipe_path(name_or_path)
+    if not path.is_file():
+        known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+        raise RecipeError(f"no recipe {name_or_path!r} (known: {', '.join(known)})")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping")
+    root = data_root.resolve()
+    facts = (root / str(raw.get("facts", "spoken_qa"))).resolve()
+    if not facts.is_relative_to(root):
+        raise RecipeError(f"{path}: data path {facts} lies outside the data root {root}")
+    from training.stages import STAGE_ORDER
+
+    stages = tuple(raw.get("stages") or ())
+    unknown = [s for s in stages if s not in STAGE_ORDER]
+    if unknown:
+        raise RecipeError(f"{path}: unknown stages {unknown} (known: {', '.join(STAGE_ORDER)})")
+    return Recipe(
+        name=str(raw.get("name", path.stem)),
+        preset=str(raw.get("preset", "tiny")),
+        seed=int(raw.get("seed", 0)),
+        facts=facts,
+        stages=stages,
+        settings={str(k): dict(v or {}) for k, v in (raw.get("settings") or {}).items()},
+        source=path,
+    )

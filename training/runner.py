@@ -1,0 +1,79 @@
+"""Runs a recipe's stages in order with one progress display; resumes where it stopped."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from training.recipe import Recipe
+from training.stage import Reporter, StageContext, run_stage
+from training.stages import stage_fn
+
+
+class RichReporter:
+    """One progress bar per stage, with the latest metrics beside it."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+        self.progress = Progress(
+            TextColumn("[bold]{task.description:<14}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[unit]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[metrics]}"),
+            console=self.console,
+        )
+        self._task: Any = None
+
+    def __enter__(self) -> RichReporter:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def start(self, stage: str, total: int, unit: str = "steps") -> None:
+        self._task = self.progress.add_task(stage, total=total, unit=unit, metrics="")
+
+    def advance(self, steps: int = 1, **metrics: float) -> None:
+        text = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        self.progress.update(self._task, advance=steps, **({"metrics": text} if metrics else {}))
+
+    def log(self, message: str) -> None:
+        self.progress.console.print(message)
+
+
+def run_recipe(
+    recipe: Recipe,
+    out: Path,
+    stages: Sequence[str] | None = None,
+    reporter: Reporter | None = None,
+    cancel: threading.Event | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Runs `stages` (default: the recipe's) into `out`; finished stages are skipped."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.json").write_text(json.dumps({"recipe": str(recipe.source), "name": recipe.name}, indent=2))
+    results: dict[str, dict[str, Any]] = {}
+    for stage in stages or recipe.stages:
+        ctx = StageContext(
+            run_dir=out,
+            stage=stage,
+            settings=recipe.stage_settings(stage),
+            facts=recipe.facts,
+            preset=recipe.preset,
+            seed=recipe.seed,
+            cancel=cancel or threading.Event(),
+        )
+        if reporter is not None:
+            ctx.reporter = reporter
+        results[stage] = run_stage(stage_fn(stage), ctx)
+    (out / "report.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results

@@ -1,0 +1,196 @@
+"""What every training stage shares: its folder, resume, metrics, loss curves and progress.
+
+A run folder holds one sub-folder per stage. A stage writes its outputs there, a metrics JSON
+(`metrics.json`), loss curves (`loss.png`) and, when finished, a `DONE` marker with its wall
+time: a restarted run skips finished stages and resumes an unfinished one from its last
+checkpoint. The same stage runs from the CLI (a rich progress display) and as a Celery task
+(progress through task state): only the Reporter differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors.torch import load_file, save_file
+
+DONE_FILE = "DONE"
+METRICS_FILE = "metrics.json"
+LOSS_PLOT = "loss.png"
+
+
+class Reporter(Protocol):
+    """Where progress goes: a terminal display, a Celery task state, or nowhere."""
+
+    def start(self, stage: str, total: int, unit: str = "steps") -> None: ...
+    def advance(self, steps: int = 1, **metrics: float) -> None: ...
+    def log(self, message: str) -> None: ...
+
+
+class SilentReporter:
+    def start(self, stage: str, total: int, unit: str = "steps") -> None:
+        pass
+
+    def advance(self, steps: int = 1, **metrics: float) -> None:
+        pass
+
+    def log(self, message: str) -> None:
+        pass
+
+
+class StageCancelled(Exception):
+    """Raised inside a stage when its job was cancelled; the last checkpoint stays usable."""
+
+
+@dataclasses.dataclass
+class StageContext:
+    """Everything a stage needs: where to read and write, its settings, and how to report."""
+
+    run_dir: Path
+    stage: str
+    settings: Mapping[str, Any]
+    facts: Path | None = None  # the SpokenQA fact base folder (facts.jsonl, templates.json, voices.json)
+    preset: str = "tiny"
+    reporter: Reporter = dataclasses.field(default_factory=SilentReporter)
+    cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+    seed: int = 0
+
+    @property
+    def out(self) -> Path:
+        path = self.run_dir / self.stage
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def input(self, stage: str) -> Path:
+        """The folder of an earlier stage, which must have finished."""
+        path = self.run_dir / stage
+        if not (path / DONE_FILE).is_file():
+            raise FileNotFoundError(f"stage {self.stage!r} needs stage {stage!r}, unfinished in {self.run_dir}")
+        return path
+
+    def check_cancelled(self) -> None:
+        if self.cancel.is_set():
+            raise StageCancelled(f"stage {self.stage} was cancelled")
+
+    def setting(self, name: str, default: Any = None) -> Any:
+        return self.settings.get(name, default)
+
+
+StageFn = Callable[[StageContext], Mapping[str, Any]]
+
+
+def is_done(run_dir: Path, stage: str) -> bool:
+    return (run_dir / stage / DONE_FILE).is_file()
+
+
+def run_stage(fn: StageFn, ctx: StageContext) -> dict[str, Any]:
+    """Runs one stage unless it already finished; records its wall time and result."""
+    done = ctx.out / DONE_FILE
+    if done.is_file():
+        return dict(json.loads(done.read_text()))
+    torch.manual_seed(ctx.seed)
+    started = time.perf_counter()
+    result = dict(fn(ctx))
+    result["wall_seconds"] = round(time.perf_counter() - started, 1)
+    done.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+class MetricsLog:
+    """Loss (and other) curves of a stage: appended as training goes, written as JSON and PNG."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.path = folder / METRICS_FILE
+        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.curves: dict[str, list[list[float]]] = self.data.setdefault("curves", {})
+
+    def add(self, step: int, **values: float) -> None:
+        for name, value in values.items():
+            self.curves.setdefault(name, []).append([step, float(value)])
+
+    def set(self, **values: Any) -> None:
+        self.data.update(values)
+
+    def save(self) -> None:
+        self.path.write_text(json.dumps(self.data, indent=2) + "\n")
+        if self.curves:
+            plot_curves(self.curves, self.folder / LOSS_PLOT, title=self.folder.name)
+
+
+def plot_curves(curves: Mapping[str, list[list[float]]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, points in curves.items():
+        if points:
+            steps, values = zip(*points, strict=True)
+            ax.plot(steps, values, label=name)
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def save_training_state(
+    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, extra: Mapping[str, Any] = {}
+) -> None:
+    """Weights (safetensors) + optimizer tensors (safetensors) + JSON, written atomically enough
+    for resume: the JSON names the step and is written last."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.tmp.safetensors"))
+    opt_state = optimizer.state_dict()
+    tensors, layout = _flatten_optimizer(opt_state)
+    save_file(tensors, str(folder / "optimizer.tmp.safetensors"))
+    (folder / "model.tmp.safetensors").replace(folder / "model.safetensors")
+    (folder / "optimizer.tmp.safetensors").replace(folder / "optimizer.safetensors")
+    meta = {"step": step, "optimizer": layout, "extra": dict(extra)}
+    (folder / "state.json").write_text(json.dumps(meta) + "\n")
+
+
+def load_training_state(
+    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[int, dict[str, Any]]:
+    """Restores a checkpoint written by save_training_state; returns (step, extra) or (0, {})."""
+    meta_path = folder / "state.json"
+    if not meta_path.is_file():
+        return 0, {}
+    meta = json.loads(meta_path.read_text())
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+    return int(meta["step"]), dict(meta.get("extra", {}))
+
+
+def _flatten_optimizer(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for param_id, values in state["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{param_id}.{name}"] = value.contiguous()
+            else:
+                scalars.setdefault(str(param_id), {})[name] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: Mapping[str, torch.Tensor], layout: Mapping[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        param_id, name = key.split(".", 1)
+        state.setdefault(int(param_id), {})[name] = value
+    for param_id, values in layout["scalars"].items():
+        state.setdefault(int(param_id), {}).update(values)
+    return {"state": state, "param_groups": layout["param_groups"]}
