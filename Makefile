@@ -23,6 +23,7 @@ demo: install
 	$(VENV)/bin/echox demo
 
 test: install
+	bash scripts/ensure-redis.sh
 	$(VENV)/bin/ruff check echox services training tests
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -m "not gpu" tests

@@ -1,0 +1,90 @@
+"""Training stages as Celery tasks in a real prefork worker against the real Redis."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from celery.result import AsyncResult
+
+from training.celery_app import app, submit_job
+from training.stage import DONE_FILE
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def worker_queue(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `celery worker` (prefork) consuming a queue of its own."""
+    queue = f"echox-test-{uuid.uuid4().hex[:8]}"
+    name = f"{queue}@{socket.gethostname()}"
+    log = (tmp_path_factory.mktemp("celery") / "worker.log").open("w")
+    env = {**os.environ, "ECHOX_REDIS_URL": redis_url}
+    cmd = [sys.executable, "-m", "celery", "-A", "training.celery_app", "worker", "--pool", "prefork",
+           "--concurrency", "1", "-Q", queue, "-n", name, "--loglevel", "INFO",
+           "--without-gossip", "--without-mingle", "--without-heartbeat"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not app.control.ping(destination=[name], timeout=1.0):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the celery worker did not come up; see {log.name}")
+        yield queue
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _recipe(tmp_path: Path, limit: int, renditions: int) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        "name: celery-test\nfacts: spoken_qa\nstages: [synth]\n"
+        f"settings:\n  synth: {{limit: {limit}, renditions: {renditions}, workers: 2, time_limit_s: 300}}\n"
+    )
+    return str(path)
+
+
+def _wait(result: AsyncResult, states: set[str], timeout_s: float) -> list[dict[str, object]]:
+    """Polls task state until one of `states`; returns the PROGRESS payloads seen."""
+    progress = []
+    deadline = time.monotonic() + timeout_s
+    while result.state not in states:
+        if result.state == "PROGRESS" and isinstance(result.info, dict):
+            progress.append(dict(result.info))
+        assert time.monotonic() < deadline, f"task stuck in {result.state}"
+        time.sleep(0.05)
+    return progress
+
+
+def test_a_stage_runs_in_a_worker_and_reports_progress(worker_queue: str, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = submit_job(_recipe(tmp_path, limit=3, renditions=1), str(run_dir), ["synth"], queue=worker_queue)
+    progress = _wait(result, {"SUCCESS", "FAILURE"}, timeout_s=240)
+    assert result.state == "SUCCESS", result.traceback
+    summary = result.get(timeout=5)
+    assert summary["stage"] == "synth" and summary["wall_seconds"] > 0
+    assert (run_dir / "synth" / DONE_FILE).is_file()
+    assert (run_dir / "synth" / "answers.jsonl").read_text().count("\n") >= 3
+    assert progress and {"stage", "done", "total", "unit"} <= set(progress[-1])
+    assert progress[-1]["stage"] == "synth"
+
+
+def test_a_job_is_cancelled(worker_queue: str, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = submit_job(_recipe(tmp_path, limit=200, renditions=4), str(run_dir), ["synth"], queue=worker_queue)
+    _wait(result, {"PROGRESS", "SUCCESS", "FAILURE"}, timeout_s=120)
+    result.revoke(terminate=True, signal="SIGTERM")
+    _wait(result, {"REVOKED", "SUCCESS", "FAILURE"}, timeout_s=60)
+    assert result.state == "REVOKED"
+    assert not (run_dir / "synth" / DONE_FILE).exists()

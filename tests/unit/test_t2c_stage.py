@@ -1,0 +1,263 @@
+"""Stage II (t2c): the sequence layout, the training segments, a smoke run and resume."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+
+from echox.checkpoint import load_part_weights, read_part_config, save_part
+from echox.models.echo_decoder import EchoDecoder, EchoDecoderConfig
+from echox.models.llm import build_llm
+from echox.models.presets import preset_tiny
+from echox.tokenizer import byte_level_tokenizer
+from echox.units.codec import UnitLanguageCodec
+from training.stage import DONE_FILE, StageCancelled, StageContext, run_stage
+from training.stages import t2c
+
+NUM_UNITS = 24
+ANSWERS = [
+    ("a-0", "train", "Paris is big."),
+    ("a-1", "train", "Rome is old. It has hills."),
+    ("a-2", "train", "Two plus two is four."),
+    ("a-3", "train", "Bees make honey. They fly! Do they sting?"),
+    ("a-4", "train", "Snow is cold."),
+    ("a-5", "dev", "Rain is wet."),
+    ("a-6", "dev", "Mars is red. It is far."),
+]
+
+
+def fake_units(text: str) -> list[int]:
+    """Deterministic stand-in units: one per letter, deduplicated."""
+    units: list[int] = []
+    for ch in text.lower():
+        unit = ord(ch) % NUM_UNITS
+        if not units or units[-1] != unit:
+            units.append(unit)
+    return units
+
+
+def fake_renderer(calls: list[str]) -> t2c.UnitRenderer:
+    def render(texts: Sequence[str]) -> list[list[int]]:
+        calls.extend(texts)
+        return [fake_units(text) for text in texts]
+
+    return render
+
+
+def _done(folder: Path) -> None:
+    (folder / DONE_FILE).write_text("{}\n")
+
+
+def make_run(run: Path) -> None:
+    """Stand-in earlier stages: synth manifest, byte tokenizer + random LLM, units, codec."""
+    for stage in ("synth", "lm", "units", "unit_language"):
+        (run / stage).mkdir(parents=True)
+    rows = [
+        {
+            "id": i,
+            "fact_id": i[2:],
+            "split": s,
+            "voice": "en-us+f2",
+            "rate": 150,
+            "pitch": 50,
+            "text": text,
+            "path": f"audio/{i}.wav",
+            "seconds": 1.0,
+        }
+        for i, s, text in ANSWERS
+    ]
+    (run / "synth" / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tokenizer = byte_level_tokenizer()
+    tokenizer.save(run / "lm" / "tokenizer.json")
+    llm_config = preset_tiny(vocab_size=tokenizer.vocab_size).llm.replace(num_layers=1)
+    torch.manual_seed(0)
+    save_part(run / "lm", "llm", build_llm(llm_config), llm_config)
+    units = [
+        {
+            "id": r["id"],
+            "fact_id": r["fact_id"],
+            "split": r["split"],
+            "units": fake_units(r["text"]),
+            "durations": [2] * len(fake_units(r["text"])),
+        }
+        for r in rows
+    ]
+    (run / "units" / "units.jsonl").write_text("".join(json.dumps(u) + "\n" for u in units))
+    codec = UnitLanguageCodec.train([u["units"] for u in units], NUM_UNITS, NUM_UNITS + 8)
+    codec.save(run / "unit_language" / "unit_language.json")
+    for stage in ("synth", "lm", "units", "unit_language"):
+        _done(run / stage)
+
+
+SMOKE = {"steps": 6, "batch_tokens": 120, "warmup_steps": 2, "eval_every": 3, "checkpoint_every": 2}
+
+
+def context(run: Path, settings: dict[str, object], cancel_after: int | None = None) -> StageContext:
+    ctx = StageContext(run_dir=run, stage="t2c", settings=settings, seed=7)
+    if cancel_after is not None:
+        ctx.reporter = CancelAfter(ctx.cancel, cancel_after)
+    return ctx
+
+
+class CancelAfter:
+    """A reporter that cancels the stage after `steps` training steps."""
+
+    def __init__(self, cancel: threading.Event, steps: int) -> None:
+        self.cancel, self.left = cancel, steps
+
+    def start(self, stage: str, total: int, unit: str = "steps") -> None:
+        pass
+
+    def advance(self, steps: int = 1, **metrics: float) -> None:
+        if metrics:  # the resume catch-up advance carries no metrics
+            self.left -= steps
+            if self.left <= 0:
+                self.cancel.set()
+
+    def log(self, message: str) -> None:
+        pass
+
+
+@pytest.fixture
+def renders(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    calls: list[str] = []
+    monkeypatch.setattr(t2c, "espeak_renderer", lambda *args: fake_renderer(calls))
+    return calls
+
+
+def test_sequence_targets_only_units_and_stop() -> None:
+    ids, labels = t2c.build_sequence([1], [10, 11, 12], [2], [0, 5], text_vocab_size=100, stop_id=2)
+    assert ids == [1, 10, 11, 12, 2, 100, 105]
+    # the eos position predicts the first unit, each unit the next, the last unit the stop id
+    assert labels == [-100, -100, -100, -100, 100, 105, 2]
+    ids, labels = t2c.build_sequence([1], [10], [2], [], text_vocab_size=100, stop_id=2)
+    assert labels == [-100, -100, 2]
+
+
+def test_collate_matches_the_inference_layout() -> None:
+    tokenizer = byte_level_tokenizer()
+    v_text = tokenizer.vocab_size
+    short = t2c.T2CExample((5,), (3,), "train", "answer")
+    long = t2c.T2CExample((5, 6, 7), (1, 2), "train", "answer")
+    batch = t2c.collate([short, long], tokenizer, v_text)
+    assert batch.input_ids[1].tolist() == [tokenizer.bos_id, 5, 6, 7, tokenizer.eos_id, v_text + 1, v_text + 2]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 0, 0, 0], [1] * 7]
+    assert batch.labels[0].tolist() == [-100, -100, v_text + 3, tokenizer.eos_id, -100, -100, -100]
+    assert batch.input_ids[0, 4:].tolist() == [tokenizer.pad_id] * 3
+
+
+def test_split_sentences() -> None:
+    assert t2c.split_sentences("Bees make honey. They fly! Do they sting?") == [
+        "Bees make honey.",
+        "They fly!",
+        "Do they sting?",
+    ]
+    assert t2c.split_sentences("It is 3.5 metres.") == ["It is 3.5 metres."]
+    assert t2c.split_sentences("  \n ") == []
+
+
+def test_examples_add_sentences_of_train_answers_only(tmp_path: Path) -> None:
+    make_run(tmp_path)
+    tokenizer = byte_level_tokenizer()
+    codec = UnitLanguageCodec.load(tmp_path / "unit_language" / "unit_language.json")
+    calls: list[str] = []
+    settings = t2c.T2CSettings(vocab_phrases=3)
+    examples = t2c.build_examples(
+        t2c.answer_rows(tmp_path),
+        tokenizer,
+        codec,
+        settings,
+        fake_renderer(calls),
+        tmp_path / "p.jsonl",
+        phrase_texts=["red green blue"],
+        seed=1,
+    )
+    sentences = [e for e in examples if e.source == "sentence"]
+    assert len(sentences) == 5  # Rome (2) + Bees (3); the dev answer about Mars adds none
+    assert all(e.split == "train" for e in sentences)
+    assert [e.split for e in examples if e.source == "answer"].count("dev") == 2
+    assert sum(e.source == "phrase" for e in examples) == 3
+    assert "Mars is red." not in calls and "They fly!" in calls
+    again: list[str] = []
+    t2c.build_examples(
+        t2c.answer_rows(tmp_path),
+        tokenizer,
+        codec,
+        settings,
+        fake_renderer(again),
+        tmp_path / "p.jsonl",
+        phrase_texts=["red green blue"],
+        seed=1,
+    )
+    assert again == []  # every piece came from the cache
+
+
+def test_smoke_run_writes_a_loadable_decoder(tmp_path: Path, renders: list[str]) -> None:
+    make_run(tmp_path)
+    summary = run_stage(t2c.run, context(tmp_path, SMOKE))
+    out = tmp_path / "t2c"
+    config = read_part_config(out, "echo_decoder", EchoDecoderConfig)
+    assert (
+        config.unit_vocab_size == UnitLanguageCodec.load(tmp_path / "unit_language" / "unit_language.json").vocab_size
+    )
+    assert config.text_vocab_size == byte_level_tokenizer().vocab_size
+    load_part_weights(out, "echo_decoder", EchoDecoder(config))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["curves"]["loss"]) == 6 and len(metrics["curves"]["dev_accuracy"]) == 2
+    assert (out / "loss.png").stat().st_size > 0
+    assert summary["steps"] == 6 and 0.0 <= summary["dev_accuracy"] <= 1.0
+    assert summary["train_examples"] == {"answer": 5, "sentence": 5, "phrase": 0}
+    assert json.loads((out / DONE_FILE).read_text())["steps"] == 6
+
+
+def test_cancelled_run_resumes_to_the_same_weights(tmp_path: Path, renders: list[str]) -> None:
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    make_run(straight)
+    make_run(resumed)
+    run_stage(t2c.run, context(straight, SMOKE))
+    with pytest.raises(StageCancelled):
+        run_stage(t2c.run, context(resumed, SMOKE, cancel_after=3))
+    state = json.loads((resumed / "t2c" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 2 and not (resumed / "t2c" / DONE_FILE).exists()
+    summary = run_stage(t2c.run, context(resumed, SMOKE))
+    assert summary["steps"] == 6
+    config = read_part_config(straight / "t2c", "echo_decoder", EchoDecoderConfig)
+    a = load_part_weights(straight / "t2c", "echo_decoder", EchoDecoder(config)).state_dict()
+    b = load_part_weights(resumed / "t2c", "echo_decoder", EchoDecoder(config)).state_dict()
+    for name, tensor in a.items():
+        torch.testing.assert_close(b[name], tensor, msg=name)
+
+
+def test_token_batches_keep_the_budget_and_resume_exactly() -> None:
+    lengths = [5, 40, 7, 38, 6, 41, 8, 12, 39, 9] * 3
+    batches = t2c.token_batches(lengths, 90)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(max(lengths[i] for i in b) * len(b) <= 90 for b in batches)
+    fresh = t2c.training_batches(lengths, 90, seed=3)
+    first = [next(fresh) for _ in range(40)]  # several epochs
+    resumed = t2c.training_batches(lengths, 90, seed=3, start_step=17)
+    assert [next(resumed) for _ in range(23)] == first[17:]
+
+
+def test_espeak_renderer_assigns_units_with_the_units_model(tmp_path: Path) -> None:
+    from training.features import FeatureConfig, UnitExtractor
+
+    generator = torch.Generator().manual_seed(0)
+    centroids = torch.randn(NUM_UNITS, 80, generator=generator)
+    UnitExtractor(FeatureConfig(), torch.full((80,), -5.0), torch.full((80,), 3.0), centroids).save(tmp_path)
+    render = t2c.espeak_renderer(tmp_path, "en-us+f2", 150, 50)
+    (short, long) = render(["Hi.", "The capital of France is Paris."])
+    assert 0 < len(short) < len(long)
+    assert all(0 <= u < NUM_UNITS for u in long)
+    assert all(a != b for a, b in itertools.pairwise(long))  # deduplicated
+
+
+def test_unknown_setting_is_rejected() -> None:
+    with pytest.raises(Exception, match="unknown settings"):
+        t2c.T2CSettings.from_mapping({"stepz": 3})

@@ -1,0 +1,232 @@
+"""The iSTFT unit vocoder and the `vocoder` stage: shapes, alignment, losses, a smoke run with
+the judge, outputs that load back, and resume after a cancel."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from echox.audio import SAMPLE_RATE, write_wav
+from echox.errors import ConfigError, EchoXError
+from echox.espeak import speak
+from echox.models.istft_vocoder import InverseStft, IstftVocoder, IstftVocoderConfig
+from echox.models.vocoder import UnitVocoder
+from training.stage import DONE_FILE, LOSS_PLOT, METRICS_FILE, StageCancelled, StageContext, run_stage
+from training.stages import units, vocoder
+
+MICRO = {"unit_embed_dim": 8, "hidden_dim": 16, "intermediate_dim": 32, "num_layers": 1, "dur_hidden_dim": 8}
+ANSWERS = [
+    ("capital-0000", "train", "The capital of France is Paris."),
+    ("add-0001", "train", "Two plus three is five."),
+    ("color-0001", "train", "The sky is blue."),
+    ("capital-0002", "dev", "The capital of Italy is Rome."),
+]
+
+
+def _write_fake_synth(run_dir: Path) -> None:
+    synth = run_dir / "synth"
+    lines = []
+    for fact_id, split, text in ANSWERS:
+        audio = speak(text, "en-us+f2", 150, 50)
+        path = f"audio/answers/a-{fact_id}.wav"
+        write_wav(synth / path, audio)
+        row = {"id": f"a-{fact_id}", "fact_id": fact_id, "split": split, "voice": "en-us+f2", "rate": 150,
+               "pitch": 50, "text": text, "path": path, "seconds": audio.size / SAMPLE_RATE}
+        lines.append(json.dumps(row) + "\n")
+    (synth / "answers.jsonl").write_text("".join(lines))
+    (synth / DONE_FILE).write_text("{}\n")
+
+
+@pytest.fixture(scope="module")
+def units_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder with a fake synth and a finished units stage (k = 10)."""
+    folder = tmp_path_factory.mktemp("run")
+    _write_fake_synth(folder)
+    run_stage(units.run, StageContext(run_dir=folder, stage="units", settings={"num_units": 10}, seed=1))
+    return folder
+
+
+def _copy_inputs(units_run: Path, target: Path) -> Path:
+    import shutil
+
+    for stage in ("synth", "units"):
+        shutil.copytree(units_run / stage, target / stage)
+    return target
+
+
+def _settings(**changes: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "model": MICRO, "steps": 4, "batch_size": 2, "segment_frames": 8, "duration_batch": 2,
+        "log_every": 1, "checkpoint_every": 100, "judge": False, "samples": 0, "warmup_steps": 1,
+    }
+    return {**base, **changes}
+
+
+class CountingReporter:
+    """Records progress; optionally sets a cancel event once `cancel_at` steps have been done."""
+
+    def __init__(self, cancel: threading.Event | None = None, cancel_at: int = 0) -> None:
+        self.done = 0
+        self.first_advance: int | None = None
+        self.cancel, self.cancel_at = cancel, cancel_at
+
+    def start(self, stage: str, total: int, unit: str = "steps") -> None:
+        pass
+
+    def advance(self, steps: int = 1, **metrics: float) -> None:
+        if self.first_advance is None:
+            self.first_advance = steps
+        self.done += steps
+        if self.cancel is not None and self.done >= self.cancel_at:
+            self.cancel.set()
+
+    def log(self, message: str) -> None:
+        pass
+
+
+# --- the model -----------------------------------------------------------------------------
+
+
+def test_inverse_stft_inverts_the_matching_stft() -> None:
+    n_fft, hop, frames = 640, 320, 12
+    wav = torch.randn(2, frames * hop, generator=torch.Generator().manual_seed(0))
+    side = (n_fft - hop) // 2
+    padded = torch.nn.functional.pad(wav, (side, side))
+    spec = torch.stft(padded, n_fft, hop, n_fft, torch.hann_window(n_fft), center=False, return_complex=True)
+    assert spec.shape[-1] == frames
+    torch.testing.assert_close(InverseStft(n_fft, hop)(spec), wav, atol=1e-4, rtol=0)
+
+
+def test_istft_vocoder_speaks_one_hop_per_frame() -> None:
+    torch.manual_seed(0)
+    model = IstftVocoder(IstftVocoderConfig(num_units=10, **MICRO))
+    assert model(torch.randint(0, 10, (3, 7))).shape == (3, 7 * 320)
+    audio = model.synthesize([1, 4, 2], torch.tensor([2, 3, 1]))
+    assert audio.shape == (6 * 320,) and audio.dtype == torch.float32
+    predicted = model.predict_durations(torch.tensor([[1, 4, 2, 0]]), lengths=torch.tensor([3]))
+    assert predicted[0, :3].min() >= 1 and predicted[0, 3] == 0
+    assert model.synthesize([1, 4, 2]).numel() == int(model.predict_durations(torch.tensor([[1, 4, 2]])).sum()) * 320
+    loss = model.duration_loss(torch.tensor([[1, 4, 2]]), torch.tensor([[2, 3, 0]]))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+def test_istft_vocoder_rejects_bad_input_and_config() -> None:
+    model = IstftVocoder(IstftVocoderConfig(num_units=10, **MICRO))
+    with pytest.raises(ValueError, match="unit ids"):
+        model.synthesize([3, 10])
+    with pytest.raises(ValueError, match="durations"):
+        model.synthesize([3, 4], torch.tensor([1]))
+    with pytest.raises(ConfigError):
+        IstftVocoderConfig(n_fft=641)
+    with pytest.raises(ConfigError):
+        IstftVocoderConfig(architecture="hifigan")
+
+
+def test_vocoder_settings_reject_unknown_keys_and_architectures() -> None:
+    with pytest.raises(EchoXError, match="unknown settings"):
+        vocoder.VocoderSettings.from_mapping({"epochs": 3})
+    with pytest.raises(EchoXError, match="architecture"):
+        vocoder.VocoderSettings.from_mapping({"architecture": "wavenet"})
+
+
+# --- data and losses -----------------------------------------------------------------------
+
+
+def test_crops_pair_each_unit_with_its_hop(units_run: Path) -> None:
+    data = vocoder.load_utterances(units_run / "synth", units_run / "units", 320)
+    assert [u.split for u in data] == [split for _, split, _ in ANSWERS]
+    for utt in data:
+        assert utt.audio.size == sum(utt.durations) * 320
+    # A one-answer "corpus" whose frame i carries unit i % 10 and samples all equal to i.
+    frames = 30
+    fake = vocoder.Utterance(
+        id="x", fact_id="x", split="train", audio=np.repeat(np.arange(frames, dtype=np.float32), 320),
+        source=Path("x.wav"), units=tuple(i % 10 for i in range(frames)), durations=(1,) * frames,
+    )
+    unit_batch, audio = vocoder.crop_batch([fake], 3, 8, 320, torch.Generator().manual_seed(0))
+    assert unit_batch.shape == (3, 8) and audio.shape == (3, 8 * 320)
+    first_frame = audio[:, ::320].long()  # the sample value names the frame it came from
+    assert torch.equal(first_frame % 10, unit_batch)
+    assert torch.equal(first_frame[:, 1:] - first_frame[:, :-1], torch.ones(3, 7, dtype=torch.long))
+
+
+def test_duration_batch_pads_with_zero_durations(units_run: Path) -> None:
+    data = vocoder.load_utterances(units_run / "synth", units_run / "units", 320)
+    unit_batch, durations = vocoder.duration_batch(data, 4, torch.Generator().manual_seed(0))
+    lengths = (durations > 0).sum(1)
+    assert unit_batch.shape == durations.shape and int(lengths.max()) == durations.shape[1]
+    answers = {(u.units, u.durations) for u in data}
+    for row, length in enumerate(lengths.tolist()):
+        assert (tuple(unit_batch[row, :length].tolist()), tuple(durations[row, :length].tolist())) in answers
+
+
+def test_spectral_loss_is_zero_for_a_perfect_copy_and_grows_with_error() -> None:
+    loss = vocoder.SpectralLoss()
+    wav = 0.1 * torch.randn(2, 4000, generator=torch.Generator().manual_seed(0))
+    same = loss(wav, wav)
+    assert float(same["stft"]) < 1e-5 and float(same["mel"]) < 1e-5
+    noisy = loss(wav + 0.05 * torch.randn(2, 4000), wav)
+    assert float(noisy["stft"]) > 0.1 and float(noisy["mel"]) > 0.1
+
+
+# --- the stage -----------------------------------------------------------------------------
+
+
+def test_stage_smoke_run_writes_parts_metrics_plot_and_judge_figures(units_run: Path, tmp_path: Path) -> None:
+    run_dir = _copy_inputs(units_run, tmp_path)
+    ctx = StageContext(
+        run_dir=run_dir, stage="vocoder", settings=_settings(judge=True, samples=1),
+        facts=Path(__file__).resolve().parents[2] / "data" / "spoken_qa",
+    )
+    summary = run_stage(vocoder.run, ctx)
+    out = run_dir / "vocoder"
+    assert summary["steps"] == 4 and summary["architecture"] == "istft"
+    model = vocoder.load_vocoder(out)
+    assert isinstance(model, IstftVocoder) and model.config.num_units == 10
+    assert model.synthesize([1, 2, 3], torch.tensor([1, 1, 2])).shape == (4 * 320,)
+    metrics = json.loads((out / METRICS_FILE).read_text())
+    assert [step for step, _ in metrics["curves"]["loss"]] == [1, 2, 3, 4]
+    assert {"stft", "mel", "head", "duration"} <= set(metrics["curves"])
+    assert (out / LOSS_PLOT).stat().st_size > 0
+    for name in ("judge_original", "judge_resynth_true", "judge_resynth_predicted"):
+        assert 0.0 <= summary[name] <= 1.0
+    assert summary["judged_answers"] == 1
+    assert sorted(p.name for p in (out / "samples").iterdir()) == [
+        "a-capital-0002.resynth_predicted.wav", "a-capital-0002.resynth_true.wav",
+    ]
+
+
+def test_stage_trains_the_hifigan_vocoder_too(units_run: Path, tmp_path: Path) -> None:
+    run_dir = _copy_inputs(units_run, tmp_path)
+    model_overrides = {
+        "unit_embed_dim": 8, "upsample_initial_channel": 16, "resblock_kernel_sizes": [3],
+        "resblock_dilation_sizes": [[1]], "dur_hidden_dim": 8,
+    }
+    settings = _settings(architecture="hifigan", model=model_overrides, steps=2)
+    summary = run_stage(vocoder.run, StageContext(run_dir=run_dir, stage="vocoder", settings=settings))
+    assert summary["steps"] == 2
+    assert isinstance(vocoder.load_vocoder(run_dir / "vocoder"), UnitVocoder)
+
+
+def test_stage_resumes_after_a_cancel(units_run: Path, tmp_path: Path) -> None:
+    run_dir = _copy_inputs(units_run, tmp_path)
+    cancel = threading.Event()
+    first = CountingReporter(cancel, cancel_at=3)
+    ctx = StageContext(run_dir=run_dir, stage="vocoder", settings=_settings(steps=6), reporter=first, cancel=cancel)
+    with pytest.raises(StageCancelled):
+        run_stage(vocoder.run, ctx)
+    state = json.loads((run_dir / "vocoder" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 3 and not (run_dir / "vocoder" / DONE_FILE).exists()
+    second = CountingReporter()
+    ctx = StageContext(run_dir=run_dir, stage="vocoder", settings=_settings(steps=6), reporter=second)
+    summary = run_stage(vocoder.run, ctx)
+    assert second.first_advance == 3 and second.done == 6  # continued from step 3, not from 0
+    assert summary["steps"] == 6
+    steps = [step for step, _ in json.loads((run_dir / "vocoder" / METRICS_FILE).read_text())["curves"]["loss"]]
+    assert steps == [1, 2, 3, 4, 5, 6]

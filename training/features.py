@@ -1,0 +1,227 @@
+"""Speech-unit features and the unit extractor (features → k-means cluster ids at 50 Hz).
+
+Units are k-means cluster ids of log-mel frames. One feature frame is one vocoder hop (320
+samples at 16 kHz), and frame t is centred on the middle of samples [t·hop, (t+1)·hop): the
+vocoder turns unit t back into exactly those samples, so units and audio line up with no offset.
+An utterance of N samples gives N // hop frames (a trailing partial hop is dropped).
+
+Normalisation is GLOBAL (per mel bin, mean and std over the training frames, stored with the
+centroids): the agent speaks in one voice at one level, so absolute loudness is information
+(silence, stops and vowels stay apart), whereas per-utterance normalisation would shift every
+frame of a short answer by that answer's own mix of sounds and smear the clusters.
+
+Extension point: `FeatureConfig.kind` names the feature. Only "log_mel" exists; a layer of our
+own trained speech encoder would be a second kind (frames at the same 50 Hz); the k-means, the
+dedup and the vocoder do not care which.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from safetensors.torch import load_file, save_file
+
+from echox.config import ConfigBase
+from echox.errors import ConfigError, ModelLoadError
+from echox.units.codec import dedup
+
+UNITS_CONFIG_FILE = "units.json"
+KMEANS_FILE = "kmeans.safetensors"
+FEATURE_KINDS = ("log_mel",)
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureConfig(ConfigBase):
+    """Log-mel frames at `sample_rate / hop_length` Hz (50 Hz by default: one vocoder hop)."""
+
+    kind: str = "log_mel"
+    sample_rate: int = 16_000
+    hop_length: int = 320
+    win_length: int = 640
+    n_fft: int = 1024
+    num_mels: int = 80
+    f_min: float = 0.0
+    f_max: float = 8_000.0
+    log_floor: float = 1e-5  # log(max(mel, floor)): silence becomes one flat value, not -inf
+
+    def __post_init__(self) -> None:
+        if self.kind not in FEATURE_KINDS:
+            raise ConfigError(f"features: kind must be one of {FEATURE_KINDS}, got {self.kind!r}")
+        if not 0 < self.hop_length <= self.win_length <= self.n_fft:
+            raise ConfigError("features: need 0 < hop_length <= win_length <= n_fft")
+        if (self.n_fft - self.hop_length) % 2:
+            raise ConfigError("features: n_fft - hop_length must be even (frames centred on their hop)")
+        if not 0 <= self.f_min < self.f_max <= self.sample_rate / 2:
+            raise ConfigError("features: need 0 <= f_min < f_max <= sample_rate / 2")
+        if self.num_mels < 1 or self.log_floor <= 0:
+            raise ConfigError("features: num_mels must be >= 1 and log_floor > 0")
+
+    @property
+    def frame_rate(self) -> float:
+        return self.sample_rate / self.hop_length
+
+
+def _hz_to_mel(hz: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    return 2595.0 * np.log10(1.0 + hz / 700.0)
+
+
+def _mel_to_hz(mel: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    return 700.0 * (10.0 ** (mel / 2595.0) - 1.0)
+
+
+def mel_filterbank(config: FeatureConfig) -> torch.Tensor:
+    """Triangular filters on the HTK mel scale, [num_mels, n_fft // 2 + 1], each of unit peak."""
+    bins = np.linspace(0.0, config.sample_rate / 2, config.n_fft // 2 + 1)
+    edges_mel = np.linspace(
+        _hz_to_mel(np.array(config.f_min)), _hz_to_mel(np.array(config.f_max)), config.num_mels + 2
+    )
+    edges = _mel_to_hz(edges_mel)
+    low, centre, high = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    rising = (bins[None, :] - low) / np.maximum(centre - low, 1e-9)
+    falling = (high - bins[None, :]) / np.maximum(high - centre, 1e-9)
+    return torch.from_numpy(np.clip(np.minimum(rising, falling), 0.0, None)).float()
+
+
+class LogMel:
+    """Audio (16 kHz float) → log-mel frames [T, num_mels], T = samples // hop."""
+
+    def __init__(self, config: FeatureConfig) -> None:
+        self.config = config
+        self.window = torch.hann_window(config.win_length)
+        self.filters = mel_filterbank(config)
+
+    def __call__(self, audio: npt.NDArray[np.float32] | torch.Tensor) -> torch.Tensor:
+        c = self.config
+        wav = torch.as_tensor(np.asarray(audio, dtype=np.float32) if not torch.is_tensor(audio) else audio)
+        wav = wav.float().reshape(-1)
+        frames = wav.numel() // c.hop_length
+        if frames == 0:
+            return torch.zeros(0, c.num_mels)
+        # Pad so that frame t of a non-centred STFT covers hop t in its middle.
+        side = (c.n_fft - c.hop_length) // 2
+        wav = wav[: frames * c.hop_length]
+        padded = torch.nn.functional.pad(wav, (side, side))
+        spec = torch.stft(
+            padded, c.n_fft, c.hop_length, c.win_length, self.window, center=False, return_complex=True
+        )
+        power = spec.abs().pow(2)[:, :frames]  # [bins, T]
+        mel = self.filters @ power
+        return torch.log(torch.clamp(mel, min=c.log_floor)).T.contiguous()
+
+
+def build_features(config: FeatureConfig) -> LogMel:
+    """The feature function named by `config.kind` (the place to add an encoder-layer kind)."""
+    if config.kind == "log_mel":
+        return LogMel(config)
+    raise ConfigError(f"features: unknown kind {config.kind!r}")
+
+
+class UnitExtractor:
+    """Features → global normalisation → nearest k-means centroid: one unit id per 50 Hz frame."""
+
+    def __init__(
+        self, config: FeatureConfig, mean: torch.Tensor, std: torch.Tensor, centroids: torch.Tensor
+    ) -> None:
+        if centroids.ndim != 2 or centroids.shape[1] != mean.numel() or mean.shape != std.shape:
+            raise ValueError("UnitExtractor: centroids [k, dim], mean [dim] and std [dim] must agree")
+        self.config = config
+        self.features = build_features(config)
+        self.mean = mean.float()
+        self.std = std.float()
+        self.centroids = centroids.float()
+
+    @property
+    def num_units(self) -> int:
+        return int(self.centroids.shape[0])
+
+    def normalized_features(self, audio: npt.NDArray[np.float32] | torch.Tensor) -> torch.Tensor:
+        return (self.features(audio) - self.mean) / self.std
+
+    def assign(self, normalized: torch.Tensor) -> torch.Tensor:
+        """Nearest centroid (squared Euclidean) of each normalised frame [T, dim] → LongTensor [T]."""
+        if normalized.shape[0] == 0:
+            return torch.zeros(0, dtype=torch.long)
+        distances = (
+            normalized.pow(2).sum(1, keepdim=True)
+            - 2 * normalized @ self.centroids.T
+            + self.centroids.pow(2).sum(1)[None, :]
+        )
+        return distances.argmin(dim=1)
+
+    def frame_units(self, audio: npt.NDArray[np.float32] | torch.Tensor) -> list[int]:
+        """One unit per frame (not deduplicated)."""
+        return [int(u) for u in self.assign(self.normalized_features(audio))]
+
+    def dedup_units(self, audio: npt.NDArray[np.float32] | torch.Tensor) -> list[int]:
+        """Deduplicated units (what the unit language and the vocoder's input are made of)."""
+        return dedup(self.frame_units(audio))[0]
+
+    def quantized_features(self, units: Sequence[int]) -> torch.Tensor:
+        """Frame units → the centroids in feature space (un-normalised log-mel), [T, dim]."""
+        return self.centroids[torch.as_tensor(list(units), dtype=torch.long)] * self.std + self.mean
+
+    def save(self, folder: Path, extra: dict[str, Any] | None = None) -> None:
+        """`units.json` (feature config, k, extra figures) + `kmeans.safetensors` (centroids, stats)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {"centroids": self.centroids, "mean": self.mean, "std": self.std}
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / KMEANS_FILE))
+        payload = {"features": self.config.to_dict(), "num_units": self.num_units, **(extra or {})}
+        (folder / UNITS_CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> UnitExtractor:
+        folder = Path(folder)
+        config_path, weights_path = folder / UNITS_CONFIG_FILE, folder / KMEANS_FILE
+        if not config_path.is_file() or not weights_path.is_file():
+            raise ModelLoadError(f"no unit model in {folder} (needs {UNITS_CONFIG_FILE} and {KMEANS_FILE})")
+        try:
+            payload = json.loads(config_path.read_text())
+            config = FeatureConfig.from_dict(payload["features"])
+            tensors = load_file(str(weights_path))
+            extractor = cls(config, tensors["mean"], tensors["std"], tensors["centroids"])
+        except (KeyError, ValueError, ConfigError, json.JSONDecodeError) as exc:
+            raise ModelLoadError(f"{folder}: unreadable unit model ({exc})") from None
+        if extractor.num_units != payload.get("num_units"):
+            raise ModelLoadError(
+                f"{folder}: units.json says {payload.get('num_units')} units, centroids hold {extractor.num_units}"
+            )
+        return extractor
+
+
+def feature_stats(frames: torch.Tensor, min_std: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std of stacked frames [N, dim] (std floored: a constant bin stays finite)."""
+    mean = frames.mean(0)
+    std = frames.std(0, unbiased=False).clamp(min=min_std)
+    return mean, std
+
+
+def fit_kmeans(normalized: torch.Tensor, num_units: int, seed: int, max_iter: int = 100) -> torch.Tensor:
+    """k-means (scikit-learn, k-means++ init, one run) on normalised frames → centroids [k, dim].
+
+    Deterministic for a seed: a fixed init and Lloyd iterations over the same frames.
+    """
+    from sklearn.cluster import KMeans
+
+    if normalized.shape[0] < num_units:
+        raise ValueError(f"k-means: {normalized.shape[0]} frames cannot make {num_units} clusters")
+    data = normalized.double().numpy()
+    model = KMeans(n_clusters=num_units, n_init=1, max_iter=max_iter, random_state=seed, algorithm="lloyd")
+    model.fit(data)
+    return torch.from_numpy(model.cluster_centers_).float()
+
+
+def hop_seconds(config: FeatureConfig) -> float:
+    return config.hop_length / config.sample_rate
+
+
+def frames_for(samples: int, config: FeatureConfig) -> int:
+    """How many frames (= units) an utterance of `samples` samples gives."""
+    return math.floor(samples / config.hop_length)

@@ -1,0 +1,481 @@
+"""Stage `t2c` (stage II of the method): the echo decoder learns text → unit-language tokens.
+
+Input = the answer's text embeddings, read from the LLM's FROZEN input table, followed by the
+unit-language tokens of its speech; cross-entropy on the unit tokens (and the stop id) only. The
+LLM itself is not run. A sequence is laid out exactly as `UnitStage.generate` lays out inference:
+
+    [table[bos] ; table[text ids] ; table[eos]] [unit tokens] → targets: unit tokens, then eos
+
+(stage III later puts aligner(hidden states) where the text embeddings are).
+
+Training segments follow sentence punctuation, so the decoder sees the pieces the streaming
+trigger cuts: whole answers, and for answers of several sentences each sentence alone, rendered
+separately in the agent voice and turned into units with the units stage's k-means. Optional
+"vocabulary phrases" (random runs of the fact base's words, also rendered in the agent voice)
+teach the decoder the sound of every word the LLM can say; the dev answers' own sentences and
+recordings never enter training, so dev figures measure unseen sentences.
+
+Output (`RUN/t2c/`): `echo_decoder.safetensors` + `echo_decoder.json` (save_part), metrics.json,
+loss.png, and `checkpoint/` for resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from echox.checkpoint import load_part_weights, read_part_config, save_part
+from echox.errors import EchoXError
+from echox.models.echo_decoder import EchoDecoder, EchoDecoderConfig
+from echox.models.llm import LLMConfig, build_llm
+from echox.models.presets import get_preset
+from echox.tokenizer import ChatFormat, TextTokenizer
+from echox.units.codec import UnitLanguageCodec
+from training.stage import MetricsLog, StageContext, load_training_state, save_training_state
+
+IGNORE_INDEX = -100
+PART_NAME = "echo_decoder"
+CHECKPOINT_DIR = "checkpoint"
+PIECES_FILE = "pieces.jsonl"  # rendered sentence pieces and phrases, kept so a resume skips them
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+# Renders texts in one voice and returns each one's deduplicated units.
+UnitRenderer = Callable[[Sequence[str]], list[list[int]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class T2CSettings:
+    """`settings.t2c` of a recipe."""
+
+    steps: int = 1800
+    batch_tokens: int = 2048  # padded tokens per batch (about 40 answers)
+    learning_rate: float = 1.5e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    eval_every: int = 200
+    checkpoint_every: int = 200
+    max_minutes: float = 8.0  # a safety stop: the run ends early (and says so) past this
+    sentence_pieces: bool = True
+    vocab_phrases: int = 0  # random word runs rendered in the agent voice (0: none)
+    phrase_words: tuple[int, int] = (2, 6)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> T2CSettings:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise EchoXError(f"t2c: unknown settings {unknown} (known: {sorted(names)})")
+        kwargs = dict(values)
+        if "phrase_words" in kwargs:
+            kwargs["phrase_words"] = tuple(kwargs["phrase_words"])
+        return cls(**kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class T2CExample:
+    """One training segment: text token ids and the unit-language tokens of its speech."""
+
+    text_ids: tuple[int, ...]
+    unit_tokens: tuple[int, ...]
+    split: str  # "train" | "dev"
+    source: str  # "answer" | "sentence" | "phrase"
+
+
+@dataclasses.dataclass(frozen=True)
+class T2CBatch:
+    input_ids: torch.Tensor  # [B, L] mixed ids: text < V_text <= unit
+    attention_mask: torch.Tensor  # [B, L] 1 on real positions
+    labels: torch.Tensor  # [B, L] next id at unit/stop targets, IGNORE_INDEX elsewhere
+
+
+# --- data --------------------------------------------------------------------------------
+
+
+def split_sentences(text: str) -> list[str]:
+    """The segments a text is spoken in: one per sentence (after . ! ?), empty pieces dropped."""
+    return [piece.strip() for piece in _SENTENCE_END.split(text.strip()) if piece.strip()]
+
+
+def build_sequence(
+    prefix_ids: Sequence[int],
+    content_ids: Sequence[int],
+    suffix_ids: Sequence[int],
+    unit_tokens: Sequence[int],
+    text_vocab_size: int,
+    stop_id: int,
+) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of one segment. The position of the last suffix token predicts the
+    first unit, each unit predicts the next, the last unit predicts `stop_id`; every other
+    position is IGNORE_INDEX."""
+    prompt = [*prefix_ids, *content_ids, *suffix_ids]
+    units = [text_vocab_size + int(u) for u in unit_tokens]
+    input_ids = prompt + units
+    labels = [IGNORE_INDEX] * (len(prompt) - 1) + units + [stop_id]
+    return input_ids, labels
+
+
+def collate(
+    examples: Sequence[T2CExample], tokenizer: TextTokenizer, text_vocab_size: int
+) -> T2CBatch:
+    """Right-padded batch in the inference layout ([bos] text [eos] units, stop = eos)."""
+    rows = [
+        build_sequence(
+            [tokenizer.bos_id], e.text_ids, [tokenizer.eos_id], e.unit_tokens, text_vocab_size, tokenizer.eos_id
+        )
+        for e in examples
+    ]
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, (ids, targets) in enumerate(rows):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(ids)] = torch.tensor(targets)
+        mask[row, : len(ids)] = 1
+    return T2CBatch(input_ids, mask, labels)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise EchoXError(f"t2c: {path} is missing")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def answer_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """The agent answers: synth's manifest line (text, voice) joined with units' line (units)."""
+    answers = {row["id"]: row for row in _read_jsonl(run_dir / "synth" / "answers.jsonl")}
+    rows = []
+    for unit_row in _read_jsonl(run_dir / "units" / "units.jsonl"):
+        answer = answers.get(unit_row["id"])
+        if answer is None:
+            raise EchoXError(f"t2c: units.jsonl names {unit_row['id']!r}, which synth's answers.jsonl lacks")
+        rows.append({**answer, "units": unit_row["units"], "split": unit_row["split"]})
+    return rows
+
+
+def vocabulary_phrases(texts: Sequence[str], count: int, words: tuple[int, int], seed: int) -> list[str]:
+    """`count` random runs of 'words' words drawn from the vocabulary of `texts` (deterministic)."""
+    vocab = sorted({w for text in texts for w in re.findall(r"[A-Za-z']+|\d+", text)})
+    if not vocab or count <= 0:
+        return []
+    rng = random.Random(seed)
+    low, high = words
+    return [" ".join(rng.choice(vocab) for _ in range(rng.randint(low, high))) for _ in range(count)]
+
+
+def cached_render(path: Path, texts: Sequence[str], render: UnitRenderer) -> dict[str, list[int]]:
+    """Units of every text, rendering only those not already in `path` (a JSONL cache)."""
+    cache = {row["text"]: row["units"] for row in _read_jsonl(path)} if path.is_file() else {}
+    missing = sorted({t for t in texts if t not in cache})
+    if missing:
+        for text, units in zip(missing, render(missing), strict=True):
+            cache[text] = units
+        lines = (json.dumps({"text": t, "units": u}) for t, u in sorted(cache.items()))
+        path.write_text("\n".join(lines) + "\n")
+    return {text: cache[text] for text in texts}
+
+
+def build_examples(
+    rows: Sequence[dict[str, Any]],
+    tokenizer: TextTokenizer,
+    codec: UnitLanguageCodec,
+    settings: T2CSettings,
+    render: UnitRenderer | None,
+    cache_path: Path,
+    phrase_texts: Sequence[str] = (),
+    seed: int = 0,
+) -> list[T2CExample]:
+    """Whole answers (both splits), sentence pieces of multi-sentence TRAIN answers, and
+    vocabulary phrases (train). `render` may be None only when no pieces are wanted."""
+    examples = [
+        T2CExample(tuple(tokenizer.encode(r["text"])), tuple(codec.encode(r["units"])), r["split"], "answer")
+        for r in rows
+    ]
+    extra: list[tuple[str, str]] = []
+    if settings.sentence_pieces:
+        for row in rows:
+            pieces = split_sentences(row["text"])
+            if row["split"] == "train" and len(pieces) > 1:
+                extra += [(piece, "sentence") for piece in pieces]
+    phrases = vocabulary_phrases(phrase_texts, settings.vocab_phrases, settings.phrase_words, seed)
+    extra += [(phrase, "phrase") for phrase in phrases]
+    if extra:
+        if render is None:
+            raise EchoXError("t2c: sentence pieces or phrases need a unit renderer")
+        units = cached_render(cache_path, [text for text, _ in extra], render)
+        for text, source in extra:
+            codes = tuple(codec.encode(units[text]))
+            examples.append(T2CExample(tuple(tokenizer.encode(text)), codes, "train", source))
+    return examples
+
+
+# --- model and loss ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSide:
+    """What the T2C takes from the LLM stage: the tokenizer and the frozen input table."""
+
+    tokenizer: TextTokenizer
+    llm_config: LLMConfig
+    table: torch.Tensor  # [V_text, H], no grad
+
+
+def load_text_side(lm_dir: Path, chat: ChatFormat | None = None) -> TextSide:
+    tokenizer = TextTokenizer.load(lm_dir / "tokenizer.json", chat or ChatFormat())
+    llm_config = read_part_config(lm_dir, "llm", LLMConfig)
+    llm = build_llm(llm_config)
+    load_part_weights(lm_dir, "llm", llm)
+    embeddings = llm.get_input_embeddings()
+    assert isinstance(embeddings, torch.nn.Embedding)
+    return TextSide(tokenizer, llm_config, embeddings.weight.detach().clone())
+
+
+def decoder_config(preset: str, llm_config: LLMConfig, codec: UnitLanguageCodec) -> EchoDecoderConfig:
+    """The preset's echo decoder with the sizes learned by the earlier stages."""
+    return get_preset(preset).echo_decoder.replace(
+        text_vocab_size=llm_config.vocab_size, text_dim=llm_config.hidden_size, unit_vocab_size=codec.vocab_size
+    )
+
+
+def new_decoder(config: EchoDecoderConfig, table: torch.Tensor) -> EchoDecoder:
+    """A fresh decoder whose unit rows start at the text rows' scale (the adapter sees one scale)."""
+    decoder = EchoDecoder(config)
+    with torch.no_grad():
+        decoder.unit_embed.weight.normal_(0.0, float(table.std()))
+    return decoder
+
+
+def batch_loss(decoder: EchoDecoder, batch: T2CBatch, table: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """Mean CE over unit/stop targets; also (correct, count) of argmax over the ids inference
+    may choose (unit ids and the stop id)."""
+    embeds = decoder.embed(batch.input_ids, table)
+    logits, _ = decoder(embeds, attention_mask=batch.attention_mask)
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    flat_labels = batch.labels.reshape(-1)
+    loss = torch.nn.functional.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX)
+    with torch.no_grad():
+        keep = flat_labels != IGNORE_INDEX
+        chosen = _allowed_argmax(flat_logits[keep], decoder.config.text_vocab_size, flat_labels[keep])
+        correct = int((chosen == flat_labels[keep]).sum())
+    return loss, correct, int(keep.sum())
+
+
+def _allowed_argmax(logits: torch.Tensor, text_vocab_size: int, labels: torch.Tensor) -> torch.Tensor:
+    """Argmax restricted to unit ids and the stop id (the stop id is the one text-id label)."""
+    stop_ids = labels[labels < text_vocab_size].unique()
+    allowed = torch.full((logits.shape[-1],), float("-inf"), device=logits.device)
+    allowed[text_vocab_size:] = 0.0
+    allowed[stop_ids] = 0.0
+    return (logits.float() + allowed).argmax(-1)
+
+
+@torch.no_grad()
+def evaluate(
+    decoder: EchoDecoder,
+    examples: Sequence[T2CExample],
+    tokenizer: TextTokenizer,
+    table: torch.Tensor,
+    batch_tokens: int,
+) -> dict[str, float]:
+    """Teacher-forced dev loss and unit-token accuracy (stop included) over `examples`."""
+    was_training = decoder.training
+    decoder.eval()
+    total_loss, total_correct, total_count = 0.0, 0, 0
+    for indices in token_batches([sequence_length(e) for e in examples], batch_tokens):
+        batch = collate([examples[i] for i in indices], tokenizer, decoder.config.text_vocab_size)
+        loss, correct, count = batch_loss(decoder, batch, table)
+        total_loss += float(loss) * count
+        total_correct += correct
+        total_count += count
+    decoder.train(was_training)
+    count = max(total_count, 1)
+    return {"dev_loss": total_loss / count, "dev_accuracy": total_correct / count}
+
+
+def learning_rate(step: int, settings: T2CSettings) -> float:
+    """Linear warmup, then cosine down to min_lr_ratio × the peak."""
+    peak = settings.learning_rate
+    if step < settings.warmup_steps:
+        return peak * (step + 1) / settings.warmup_steps
+    progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
+    floor = settings.min_lr_ratio
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def sequence_length(example: T2CExample) -> int:
+    return len(example.text_ids) + 2 + len(example.unit_tokens)  # + bos and eos
+
+
+def token_batches(lengths: Sequence[int], batch_tokens: int, rng: random.Random | None = None) -> list[list[int]]:
+    """Groups examples of similar length so that (longest × count) stays within `batch_tokens`:
+    little padding, and a step costs about the same whatever the lengths. With `rng` the
+    lengths are jittered (batches differ from epoch to epoch) and the batch order shuffled."""
+    jitter = (lambda: rng.random() * 8.0) if rng is not None else (lambda: 0.0)
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i] + jitter())
+    batches: list[list[int]] = []
+    current: list[int] = []
+    width = 0
+    for index in order:
+        if current and max(width, lengths[index]) * (len(current) + 1) > batch_tokens:
+            batches.append(current)
+            current, width = [], 0
+        current.append(index)
+        width = max(width, lengths[index])
+    if current:
+        batches.append(current)
+    if rng is not None:
+        rng.shuffle(batches)
+    return batches
+
+
+def training_batches(lengths: Sequence[int], batch_tokens: int, seed: int, start_step: int = 0) -> Iterator[list[int]]:
+    """Endless epochs of token batches, each epoch drawn from a generator seeded by (seed, epoch),
+    starting at batch `start_step`: a resumed run sees exactly the batches of an unbroken one."""
+    step, epoch = 0, 0
+    while True:
+        for batch in token_batches(lengths, batch_tokens, random.Random(seed * 1_000_003 + epoch)):
+            if step >= start_step:
+                yield batch
+            step += 1
+        epoch += 1
+
+
+# --- training ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int
+    train_loss: float | None  # mean of the last 20 steps (None when resumed at the end)
+    dev: dict[str, float]
+    stopped_early: bool
+
+
+def train_decoder(
+    ctx: StageContext,
+    decoder: EchoDecoder,
+    examples: Sequence[T2CExample],
+    text: TextSide,
+    settings: T2CSettings,
+) -> TrainResult:
+    """AdamW with warmup + cosine over `settings.steps`; resumes from `checkpoint/`, evaluates on
+    dev every `eval_every` steps, checkpoints every `checkpoint_every` steps and at the end."""
+    train = [e for e in examples if e.split == "train"]
+    dev = [e for e in examples if e.split == "dev"]
+    if not train:
+        raise EchoXError("t2c: no training examples")
+    optimizer = torch.optim.AdamW(
+        [p for p in decoder.parameters() if p.requires_grad],
+        lr=settings.learning_rate, betas=(0.9, 0.98), weight_decay=settings.weight_decay,
+    )
+    state_dir = ctx.out / CHECKPOINT_DIR
+    step, _ = load_training_state(state_dir, decoder, optimizer)
+    batches = training_batches([sequence_length(e) for e in train], settings.batch_tokens, ctx.seed, step)
+    metrics = MetricsLog(ctx.out)
+    ctx.reporter.start(ctx.stage, settings.steps)
+    ctx.reporter.advance(step)
+    started, stopped_early, recent = time.perf_counter(), False, list[float]()
+    decoder.train()
+    while step < settings.steps:
+        ctx.check_cancelled()
+        if time.perf_counter() - started > settings.max_minutes * 60:
+            stopped_early = True
+            ctx.reporter.log(f"t2c: time budget of {settings.max_minutes} min reached at step {step}")
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, settings)
+        chosen = [train[i] for i in next(batches)]
+        loss, _, _ = batch_loss(decoder, collate(chosen, text.tokenizer, decoder.config.text_vocab_size), text.table)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        torch.nn.utils.clip_grad_norm_(decoder.parameters(), settings.grad_clip)
+        optimizer.step()
+        step += 1
+        value = float(loss.detach())
+        recent = [*recent, value][-20:]
+        metrics.add(step, loss=value)
+        ctx.reporter.advance(1, loss=value)
+        if dev and (step % settings.eval_every == 0 or step == settings.steps):
+            figures = evaluate(decoder, dev, text.tokenizer, text.table, settings.batch_tokens)
+            metrics.add(step, **figures)
+            ctx.reporter.log(f"t2c step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in figures.items()))
+        if step % settings.checkpoint_every == 0:
+            save_training_state(state_dir, decoder, optimizer, step)
+            metrics.save()
+    save_training_state(state_dir, decoder, optimizer, step)
+    dev_figures = evaluate(decoder, dev, text.tokenizer, text.table, settings.batch_tokens) if dev else {}
+    metrics.set(final_step=step, stopped_early=stopped_early, **dev_figures)
+    metrics.save()
+    train_loss = sum(recent) / len(recent) if recent else None
+    return TrainResult(step, train_loss, dev_figures, stopped_early)
+
+
+def espeak_renderer(units_dir: Path, voice: str, rate: int, pitch: int) -> UnitRenderer:
+    """Renders texts with espeak-ng in one voice and assigns units with the units stage's
+    k-means (loaded on first use: a resumed run whose pieces are all cached never loads it)."""
+
+    def render(texts: Sequence[str]) -> list[list[int]]:
+        from echox.espeak import speak
+        from training.features import UnitExtractor
+
+        extractor = UnitExtractor.load(units_dir)
+        return [extractor.dedup_units(speak(text, voice, rate, pitch)) for text in texts]
+
+    return render
+
+
+def _phrase_source_texts(facts_dir: Path | None) -> list[str]:
+    """Every answer and question text of the fact base (the words the LLM can say)."""
+    if facts_dir is None:
+        return []
+    from training.text_data import corpus_texts, load_facts, load_templates
+
+    return corpus_texts(load_facts(facts_dir), load_templates(facts_dir))
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    """The `t2c` stage; settings: see T2CSettings."""
+    settings = T2CSettings.from_mapping(ctx.settings)
+    torch.manual_seed(ctx.seed)
+    text = load_text_side(ctx.input("lm"))
+    codec = UnitLanguageCodec.load(ctx.input("unit_language") / "unit_language.json")
+    rows = answer_rows(ctx.run_dir)
+    agent = rows[0]  # every answer is in the one agent voice
+    render = espeak_renderer(ctx.input("units"), agent["voice"], int(agent["rate"]), int(agent["pitch"]))
+    phrase_texts = _phrase_source_texts(ctx.facts) if settings.vocab_phrases else []
+    ctx.reporter.log(f"t2c: preparing {len(rows)} answers (+ sentence pieces, {settings.vocab_phrases} phrases)")
+    examples = build_examples(
+        rows, text.tokenizer, codec, settings, render, ctx.out / PIECES_FILE, phrase_texts, ctx.seed
+    )
+    config = decoder_config(ctx.preset, text.llm_config, codec)
+    decoder = new_decoder(config, text.table)
+    result = train_decoder(ctx, decoder, examples, text, settings)
+    save_part(ctx.out, PART_NAME, decoder, config)
+    return _summary(result, examples, decoder)
+
+
+def _summary(result: TrainResult, examples: Sequence[T2CExample], decoder: EchoDecoder) -> dict[str, Any]:
+    train = [e for e in examples if e.split == "train"]
+    ratios = [len(e.unit_tokens) / (len(e.text_ids) + 2) for e in train]  # +2: bos and eos
+    return {
+        "steps": result.step,
+        "stopped_early": result.stopped_early,
+        "train_loss": None if result.train_loss is None else round(result.train_loss, 4),
+        **{name: round(value, 4) for name, value in result.dev.items()},
+        "train_examples": {s: sum(e.source == s for e in train) for s in ("answer", "sentence", "phrase")},
+        "dev_examples": len(examples) - len(train),
+        "max_unit_tokens_per_input": round(max(ratios), 2),
+        "parameters": sum(p.numel() for p in decoder.parameters()),
+    }

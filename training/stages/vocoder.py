@@ -1,0 +1,467 @@
+"""Stage `vocoder`: the unit vocoder learns to speak the agent's answers from their units.
+
+Data: every agent answer's audio (`RUN/synth/answers.jsonl`) and its deduplicated units and
+durations (`RUN/units/units.jsonl`). The generator sees frame-rate units (units expanded by
+their durations) in random fixed-length crops and reconstructs the matching samples (unit t ↔
+samples [t·hop, (t+1)·hop)); the duration predictor learns the durations alongside on whole
+answers (`duration_loss`), so synthesis from deduplicated units alone works.
+
+Losses converge fast on CPU without a discriminator: multi-resolution STFT (spectral
+convergence + log-magnitude L1) and log-mel L1 on the waveform. The default architecture is
+the iSTFT head (`echox.models.istft_vocoder`): its network runs at 50 Hz, so it trains in
+minutes on two cores; `architecture: hifigan` trains `UnitVocoder` with the same losses.
+
+At the end the dev answers are resynthesised from their OWN units, with their true durations
+and with predicted ones, and the ASR judge (Whisper tiny.en) scores the share of answers whose
+key words it hears, beside its share on the original espeak-ng recordings.
+
+Output (`RUN/vocoder/`): `vocoder.safetensors` + `vocoder.json` (save_part), metrics.json (loss
+curves, judge shares and misses), loss.png, `samples/` (a few dev resyntheses) and
+`checkpoint/` for resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from echox.audio import read_wav, write_wav
+from echox.checkpoint import load_part_weights, read_part_config, save_part
+from echox.errors import EchoXError, ModelLoadError
+from echox.models.istft_vocoder import ARCHITECTURE as ISTFT
+from echox.models.istft_vocoder import IstftVocoder, IstftVocoderConfig
+from echox.models.vocoder import UnitVocoder, VocoderConfig
+from echox.units.codec import expand
+from training.features import FeatureConfig, mel_filterbank
+from training.stage import MetricsLog, StageContext, load_training_state, save_training_state
+
+PART_NAME = "vocoder"
+CHECKPOINT_DIR = "checkpoint"
+SAMPLES_DIR = "samples"
+HIFIGAN = "hifigan"
+AnyVocoder = UnitVocoder | IstftVocoder
+
+
+@dataclasses.dataclass(frozen=True)
+class VocoderSettings:
+    """`settings.vocoder` of a recipe."""
+
+    architecture: str = ISTFT  # "istft" (Vocos-style head) or "hifigan" (UnitVocoder)
+    model: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # config overrides
+    steps: int = 3000
+    batch_size: int = 16
+    segment_frames: int = 48  # crop length in units (0.96 s at 50 Hz)
+    learning_rate: float = 2e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    grad_clip: float = 10.0
+    stft_weight: float = 1.0
+    mel_weight: float = 1.0
+    head_weight: float = 1.0  # istft only: log-magnitude L1 on the head's own frames
+    duration_weight: float = 1.0
+    duration_batch: int = 16  # whole answers per step for the duration predictor
+    log_every: int = 25
+    checkpoint_every: int = 250
+    max_minutes: float = 8.0  # a safety stop: the run ends early (and says so) past this
+    threads: int | None = None  # torch threads while training (None: leave torch's default)
+    judge: bool = True  # score dev resyntheses with Whisper tiny.en (needs faster-whisper)
+    judge_limit: int | None = None  # judge only the first N dev answers
+    samples: int = 4  # dev resyntheses written to samples/ for listening
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> VocoderSettings:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise EchoXError(f"vocoder: unknown settings {unknown} (known: {sorted(names)})")
+        settings = cls(**dict(values))
+        if settings.architecture not in (ISTFT, HIFIGAN):
+            raise EchoXError(f"vocoder: architecture must be {ISTFT!r} or {HIFIGAN!r}, got {settings.architecture!r}")
+        if min(settings.steps, settings.batch_size, settings.segment_frames, settings.duration_batch) < 1:
+            raise EchoXError("vocoder: steps, batch_size, segment_frames and duration_batch must be >= 1")
+        return settings
+
+
+@dataclasses.dataclass(frozen=True)
+class Utterance:
+    """One agent answer: its audio (exactly frames·hop samples) and its units."""
+
+    id: str
+    fact_id: str
+    split: str
+    audio: npt.NDArray[np.float32]
+    source: Path  # the original recording (judged as it is, uncut)
+    units: tuple[int, ...]  # deduplicated
+    durations: tuple[int, ...]
+
+    @property
+    def frame_units(self) -> list[int]:
+        return expand(self.units, self.durations)
+
+
+# --- data --------------------------------------------------------------------------------
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise EchoXError(f"vocoder: {path} is missing")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_utterances(synth_dir: Path, units_dir: Path, hop_length: int) -> list[Utterance]:
+    """Joins units.jsonl with synth's answers.jsonl by id; the audio is cut to the units' frames."""
+    answers = {row["id"]: row for row in _read_jsonl(synth_dir / "answers.jsonl")}
+    out = []
+    for row in _read_jsonl(units_dir / "units.jsonl"):
+        answer = answers.get(row["id"])
+        if answer is None:
+            raise EchoXError(f"vocoder: units.jsonl names {row['id']!r}, which synth's answers.jsonl lacks")
+        frames = sum(row["durations"])
+        audio = read_wav(synth_dir / answer["path"])
+        if audio.size < frames * hop_length:
+            raise EchoXError(f"vocoder: {row['id']} has {frames} units but only {audio.size} samples")
+        out.append(
+            Utterance(
+                id=row["id"], fact_id=row["fact_id"], split=row["split"], audio=audio[: frames * hop_length],
+                source=synth_dir / answer["path"], units=tuple(row["units"]), durations=tuple(row["durations"]),
+            )
+        )
+    return out
+
+
+def crop_batch(
+    utterances: Sequence[Utterance], batch_size: int, segment_frames: int, hop_length: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random crops: frame units [B, T] and their samples [B, T·hop]. An answer shorter than the
+    crop is padded with its last unit and silence."""
+    units = torch.zeros(batch_size, segment_frames, dtype=torch.long)
+    audio = torch.zeros(batch_size, segment_frames * hop_length)
+    picks = torch.randint(len(utterances), (batch_size,), generator=generator).tolist()
+    for row, index in enumerate(picks):
+        utt = utterances[index]
+        frame_units = torch.tensor(utt.frame_units)
+        total = frame_units.numel()
+        start = int(torch.randint(max(1, total - segment_frames + 1), (1,), generator=generator))
+        length = min(segment_frames, total)
+        units[row, :length] = frame_units[start : start + length]
+        units[row, length:] = frame_units[-1]
+        samples = utt.audio[start * hop_length : (start + length) * hop_length]
+        audio[row, : samples.size] = torch.from_numpy(samples)
+    return units, audio
+
+
+def duration_batch(
+    utterances: Sequence[Utterance], batch_size: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole answers, right-padded: dedup units [B, N] and durations [B, N] (0 = padding)."""
+    picks = torch.randint(len(utterances), (batch_size,), generator=generator).tolist()
+    width = max(len(utterances[i].units) for i in picks)
+    units = torch.zeros(batch_size, width, dtype=torch.long)
+    durations = torch.zeros(batch_size, width, dtype=torch.long)
+    for row, index in enumerate(picks):
+        utt = utterances[index]
+        units[row, : len(utt.units)] = torch.tensor(utt.units)
+        durations[row, : len(utt.durations)] = torch.tensor(utt.durations)
+    return units, durations
+
+
+# --- losses ------------------------------------------------------------------------------
+
+
+class SpectralLoss(nn.Module):
+    """Multi-resolution STFT loss (spectral convergence + log-magnitude L1) and log-mel L1 (on the
+    largest resolution's magnitudes, so the mel costs no extra STFT)."""
+
+    def __init__(self, resolutions: Sequence[int] = (256, 512, 1024), sample_rate: int = 16_000) -> None:
+        super().__init__()
+        self.resolutions = tuple(sorted(resolutions))
+        for n_fft in self.resolutions:
+            self.register_buffer(f"window_{n_fft}", torch.hann_window(n_fft), persistent=False)
+        largest = self.resolutions[-1]
+        mel = FeatureConfig(sample_rate=sample_rate, hop_length=largest // 4, win_length=largest, n_fft=largest)
+        self.mel_filters: torch.Tensor
+        self.register_buffer("mel_filters", mel_filterbank(mel), persistent=False)
+
+    def _magnitude(self, wav: torch.Tensor, n_fft: int) -> torch.Tensor:
+        window: torch.Tensor = getattr(self, f"window_{n_fft}")
+        spec = torch.stft(wav, n_fft, n_fft // 4, n_fft, window, return_complex=True)
+        return spec.abs().clamp(min=1e-5)
+
+    def forward(self, predicted: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        stft = predicted.new_zeros(())
+        pred = true = predicted
+        for n_fft in self.resolutions:
+            pred = self._magnitude(predicted, n_fft)
+            with torch.no_grad():
+                true = self._magnitude(target, n_fft)
+            convergence = torch.linalg.vector_norm(true - pred) / torch.linalg.vector_norm(true).clamp(min=1e-5)
+            stft = stft + convergence + (pred.log() - true.log()).abs().mean()
+        pred_mel = (self.mel_filters @ pred.square()).clamp(min=1e-5).log()
+        true_mel = (self.mel_filters @ true.square()).clamp(min=1e-5).log()
+        mel = (pred_mel - true_mel).abs().mean()
+        return {"stft": stft / len(self.resolutions), "mel": mel}
+
+
+def head_loss(spectrum: torch.Tensor, audio: torch.Tensor, config: IstftVocoderConfig) -> torch.Tensor:
+    """L1 between the head's log-magnitudes and the target's, framed as the head frames (frame t
+    centred on hop t): a direct, strong signal for the magnitudes while the waveform losses
+    teach the phases."""
+    side = (config.n_fft - config.hop_length) // 2
+    window = torch.hann_window(config.n_fft, device=audio.device)
+    padded = F.pad(audio, (side, side))
+    n_fft, hop = config.n_fft, config.hop_length
+    target = torch.stft(padded, n_fft, hop, n_fft, window, center=False, return_complex=True)
+    frames = spectrum.shape[-1]
+    true_log = target[..., :frames].abs().clamp(min=1e-5).log()
+    return (spectrum.abs().clamp(min=1e-5).log() - true_log).abs().mean()
+
+
+# --- model -------------------------------------------------------------------------------
+
+
+def vocoder_config(settings: VocoderSettings, num_units: int) -> VocoderConfig | IstftVocoderConfig:
+    overrides = {**dict(settings.model), "num_units": num_units}
+    if settings.architecture == ISTFT:
+        return IstftVocoderConfig.from_dict(overrides)
+    return VocoderConfig.from_dict({**VocoderConfig.tiny().to_dict(), **overrides})
+
+
+def build_vocoder(config: VocoderConfig | IstftVocoderConfig) -> AnyVocoder:
+    return IstftVocoder(config) if isinstance(config, IstftVocoderConfig) else UnitVocoder(config)
+
+
+def load_vocoder(folder: Path, name: str = PART_NAME) -> AnyVocoder:
+    """A trained vocoder part of either architecture (dispatch on its config's `architecture`)."""
+    path = folder / f"{name}.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from None
+    is_istft = isinstance(meta, dict) and meta.get("config", {}).get("architecture") == ISTFT
+    config: VocoderConfig | IstftVocoderConfig
+    if is_istft:
+        config = read_part_config(folder, name, IstftVocoderConfig)
+    else:
+        config = read_part_config(folder, name, VocoderConfig)
+    model = build_vocoder(config)
+    load_part_weights(folder, name, model)
+    return model.eval()
+
+
+def learning_rate(step: int, settings: VocoderSettings) -> float:
+    """Linear warmup, then cosine from the peak down to min_lr_ratio · peak."""
+    peak = settings.learning_rate
+    if step < settings.warmup_steps:
+        return peak * (step + 1) / settings.warmup_steps
+    progress = min(1.0, (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps))
+    floor = settings.min_lr_ratio * peak
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# --- training ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    step: int
+    losses: dict[str, float]  # mean of the last logged window
+    stopped_early: bool
+
+
+def _step_losses(
+    model: AnyVocoder,
+    loss_fn: SpectralLoss,
+    train: Sequence[Utterance],
+    settings: VocoderSettings,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    hop = model.config.hop_length
+    units, audio = crop_batch(train, settings.batch_size, settings.segment_frames, hop, generator)
+    if isinstance(model, IstftVocoder):
+        spectrum = model.spectrum(units)
+        parts = loss_fn(model.istft(spectrum).clamp(-1.0, 1.0), audio)
+        parts["head"] = head_loss(spectrum, audio, model.config)
+    else:
+        parts = loss_fn(model(units), audio)
+        parts["head"] = audio.new_zeros(())
+    dur_units, durations = duration_batch(train, settings.duration_batch, generator)
+    parts["duration"] = model.duration_loss(dur_units, durations)
+    parts["loss"] = (
+        settings.stft_weight * parts["stft"] + settings.mel_weight * parts["mel"]
+        + settings.head_weight * parts["head"]
+        + settings.duration_weight * parts["duration"]
+    )
+    return parts
+
+
+def train_vocoder(
+    ctx: StageContext, model: AnyVocoder, train: Sequence[Utterance], settings: VocoderSettings
+) -> TrainResult:
+    """AdamW with warmup + cosine; resumes from `checkpoint/`, checkpoints every
+    `checkpoint_every` steps, when cancelled and at the end; stops early past `max_minutes`."""
+    if not train:
+        raise EchoXError("vocoder: no training answers")
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=settings.learning_rate, betas=(0.8, 0.99), weight_decay=settings.weight_decay
+    )
+    loss_fn = SpectralLoss(sample_rate=model.config.sample_rate)
+    state_dir = ctx.out / CHECKPOINT_DIR
+    step, _ = load_training_state(state_dir, model, optimizer)
+    metrics = MetricsLog(ctx.out)
+    for name, points in metrics.curves.items():  # a run killed after its checkpoint logged more
+        metrics.curves[name] = [point for point in points if point[0] <= step]
+    ctx.reporter.start(ctx.stage, settings.steps)
+    ctx.reporter.advance(step)
+    started, stopped_early = time.perf_counter(), False
+    window: dict[str, list[float]] = {}
+    model.train()
+    while step < settings.steps:
+        if ctx.cancel.is_set():  # keep every finished step: the rerun continues from here
+            save_training_state(state_dir, model, optimizer, step)
+            metrics.save()
+            ctx.check_cancelled()
+        if time.perf_counter() - started > settings.max_minutes * 60:
+            stopped_early = True
+            ctx.reporter.log(f"vocoder: time budget of {settings.max_minutes} min reached at step {step}")
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, settings)
+        generator = torch.Generator().manual_seed(ctx.seed * 1_000_003 + step)
+        parts = _step_losses(model, loss_fn, train, settings, generator)
+        optimizer.zero_grad(set_to_none=True)
+        parts["loss"].backward()  # type: ignore[no-untyped-call]
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        optimizer.step()
+        step += 1
+        for name, value in parts.items():
+            window.setdefault(name, []).append(float(value.detach()))
+        ctx.reporter.advance(1, loss=window["loss"][-1])
+        if step % settings.log_every == 0 or step == settings.steps:
+            metrics.add(step, **{name: sum(values) / len(values) for name, values in window.items()})
+            window = {}
+        if step % settings.checkpoint_every == 0:
+            save_training_state(state_dir, model, optimizer, step)
+            metrics.save()
+    save_training_state(state_dir, model, optimizer, step)
+    metrics.set(final_step=step, stopped_early=stopped_early)
+    metrics.save()
+    final = {name: points[-1][1] for name, points in metrics.curves.items() if points}
+    return TrainResult(step, final, stopped_early)
+
+
+# --- evaluation --------------------------------------------------------------------------
+
+
+def resynthesize(model: AnyVocoder, utterance: Utterance, true_durations: bool) -> npt.NDArray[np.float32]:
+    """The answer spoken back from its own deduplicated units (true or predicted durations)."""
+    durations = torch.tensor(utterance.durations) if true_durations else None
+    return model.synthesize(list(utterance.units), durations).numpy().astype(np.float32)
+
+
+def duration_error(model: AnyVocoder, dev: Sequence[Utterance]) -> dict[str, float]:
+    """How far predicted durations are from the truth: mean |error| per unit and total length ratio."""
+    abs_error = units = 0
+    predicted_frames = true_frames = 0
+    model.eval()
+    with torch.no_grad():
+        for utt in dev:
+            predicted = model.predict_durations(torch.tensor([utt.units]))[0]
+            truth = torch.tensor(utt.durations)
+            abs_error += int((predicted - truth).abs().sum())
+            units += len(utt.units)
+            predicted_frames += int(predicted.sum())
+            true_frames += int(truth.sum())
+    return {
+        "duration_abs_error": abs_error / max(1, units),
+        "duration_length_ratio": predicted_frames / max(1, true_frames),
+    }
+
+
+def judge_dev(
+    model: AnyVocoder, dev: Sequence[Utterance], facts_dir: Path, threads: int, samples_dir: Path | None, samples: int
+) -> dict[str, Any]:
+    """The judge's share of dev answers whose key words it hears: original recordings, and
+    resyntheses with true and with predicted durations (plus what it heard when it missed)."""
+    from training.judge import Judge, has_key_words, load_facts
+
+    facts = load_facts(facts_dir)
+    judge = Judge(cpu_threads=threads)
+    heard = {"original": 0, "resynth_true": 0, "resynth_predicted": 0}
+    misses: dict[str, list[dict[str, str]]] = {name: [] for name in heard}
+    for index, utt in enumerate(dev):
+        versions = {
+            "original": read_wav(utt.source),
+            "resynth_true": resynthesize(model, utt, true_durations=True),
+            "resynth_predicted": resynthesize(model, utt, true_durations=False),
+        }
+        for name, audio in versions.items():
+            transcript = judge.transcribe(audio)
+            if has_key_words(transcript, facts[utt.fact_id]["key"]):
+                heard[name] += 1
+            else:
+                misses[name].append({"id": utt.id, "heard": transcript})
+            if samples_dir is not None and index < samples and name != "original":
+                write_wav(samples_dir / f"{utt.id}.{name}.wav", audio)
+    count = max(1, len(dev))
+    shares = {f"judge_{name}": heard[name] / count for name in heard}
+    original = shares["judge_original"]
+    for name in ("resynth_true", "resynth_predicted"):
+        shares[f"judge_{name}_vs_original"] = shares[f"judge_{name}"] / original if original else 0.0
+    return {**shares, "judged_answers": len(dev), "judge_misses": misses}
+
+
+# --- the stage ---------------------------------------------------------------------------
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    """The `vocoder` stage; settings: see VocoderSettings."""
+    settings = VocoderSettings.from_mapping(ctx.settings)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    torch.manual_seed(ctx.seed)
+    units_dir = ctx.input("units")
+    num_units = int(json.loads((units_dir / "units.json").read_text())["num_units"])
+    config = vocoder_config(settings, num_units)
+    model = build_vocoder(config)
+    data = load_utterances(ctx.input("synth"), units_dir, config.hop_length)
+    train = [u for u in data if u.split == "train"]
+    dev = [u for u in data if u.split == "dev"]
+    started = time.perf_counter()
+    result = train_vocoder(ctx, model, train, settings)
+    train_seconds = time.perf_counter() - started
+    save_part(ctx.out, PART_NAME, model, config)
+    summary: dict[str, Any] = {
+        "architecture": settings.architecture,
+        "steps": result.step,
+        "stopped_early": result.stopped_early,
+        "train_seconds": round(train_seconds, 1),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        **{f"final_{k}": round(v, 4) for k, v in result.losses.items()},
+    }
+    if dev:
+        summary.update({k: round(v, 4) for k, v in duration_error(model, dev).items()})
+    figures: dict[str, Any] = {}
+    if settings.judge and dev and ctx.facts is not None:
+        ctx.reporter.log(f"vocoder: judging {len(dev[: settings.judge_limit])} dev answers")
+        started = time.perf_counter()
+        judged = dev[: settings.judge_limit]
+        figures = judge_dev(model, judged, ctx.facts, settings.threads or 2, ctx.out / SAMPLES_DIR, settings.samples)
+        summary["judge_seconds"] = round(time.perf_counter() - started, 1)
+        shares = {k: v for k, v in figures.items() if k != "judge_misses"}
+        summary.update({k: round(v, 4) if isinstance(v, float) else v for k, v in shares.items()})
+    metrics = MetricsLog(ctx.out)
+    metrics.set(summary=summary, **({"judge_misses": figures["judge_misses"]} if figures else {}))
+    metrics.save()
+    return summary
