@@ -44,8 +44,9 @@ class RichReporter:
         self._task = self.progress.add_task(stage, total=total, unit=unit, metrics="")
 
     def advance(self, steps: int = 1, **metrics: float) -> None:
-        text = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-        self.progress.update(self._task, advance=steps, **({"metrics": text} if metrics else {}))
+        self.progress.update(self._task, advance=steps)
+        if metrics:
+            self.progress.update(self._task, metrics=" ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
     def log(self, message: str) -> None:
         self.progress.console.print(message)
