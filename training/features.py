@@ -225,3 +225,76 @@ def hop_seconds(config: FeatureConfig) -> float:
 def frames_for(samples: int, config: FeatureConfig) -> int:
     """How many frames (= units) an utterance of `samples` samples gives."""
     return math.floor(samples / config.hop_length)
+
+
+@dataclasses.dataclass(frozen=True)
+class PitchConfig(ConfigBase):
+    """YIN pitch tracking at the unit frame rate (the vocoder's F0 targets)."""
+
+    sample_rate: int = 16_000
+    hop_length: int = 320
+    window: int = 1024  # analysis span: the lag range plus the integration window
+    f0_min: float = 60.0
+    f0_max: float = 500.0
+    threshold: float = 0.15  # YIN aperiodicity below which a frame counts as voiced
+    min_rms: float = 1e-3  # quieter frames are unvoiced whatever their periodicity
+
+
+def _yin_lag(cmnd: npt.NDArray[np.float64], lag_min: int, threshold: float) -> tuple[float, float]:
+    """First dip of the cumulative-mean-normalised difference below `threshold` (else the global
+    minimum), refined by a parabola: (lag in samples, aperiodicity)."""
+    below = np.nonzero(cmnd[lag_min:] < threshold)[0]
+    if below.size:
+        lag = lag_min + int(below[0])
+        while lag + 1 < cmnd.size and cmnd[lag + 1] < cmnd[lag]:
+            lag += 1
+    else:
+        lag = lag_min + int(np.argmin(cmnd[lag_min:]))
+    if 0 < lag < cmnd.size - 1:
+        left, mid, right = cmnd[lag - 1], cmnd[lag], cmnd[lag + 1]
+        bend = left - 2 * mid + right
+        shift = 0.5 * (left - right) / bend if bend > 0 else 0.0
+        return lag + float(np.clip(shift, -1, 1)), float(mid)
+    return float(lag), float(cmnd[lag])
+
+
+def pitch_track(audio: npt.NDArray[np.float32], config: PitchConfig = PitchConfig()) -> npt.NDArray[np.float32]:
+    """F0 in Hz per unit frame (frame t centred on hop t's middle), 0 where unvoiced."""
+    hop, sr = config.hop_length, config.sample_rate
+    frames = len(audio) // hop
+    lag_max = int(sr / config.f0_min)
+    lag_min = max(2, int(sr / config.f0_max))
+    span = config.window - lag_max  # integration window of the difference function
+    if frames == 0 or span < hop:
+        return np.zeros(frames, dtype=np.float32)
+    side = config.window // 2
+    padded = np.pad(np.asarray(audio, dtype=np.float64), (side, side + config.window))
+    f0 = np.zeros(frames, dtype=np.float32)
+    for t in range(frames):
+        centre = side + t * hop + hop // 2
+        x = padded[centre - span // 2 : centre - span // 2 + config.window]
+        head = x[:span]
+        if np.sqrt(np.mean(head**2)) < config.min_rms:
+            continue
+        energy = np.concatenate([[0.0], np.cumsum(x**2)])
+        lags = np.arange(lag_max + 1)
+        shifted = energy[lags + span] - energy[lags]  # energy of x[τ : τ + span]
+        corr = np.correlate(x[: span + lag_max], head, mode="valid")[: lag_max + 1]
+        diff = np.maximum(shifted[0] + shifted - 2 * corr, 0.0)
+        running = np.cumsum(diff[1:]) / np.arange(1, lag_max + 1)
+        cmnd = np.ones(lag_max + 1)
+        cmnd[1:] = diff[1:] / np.maximum(running, 1e-12)
+        lag, aperiodicity = _yin_lag(cmnd, lag_min, config.threshold)
+        if aperiodicity < config.threshold:
+            f0[t] = sr / lag
+    return f0
+
+
+def continuous_log_f0(f0: npt.NDArray[np.float32], default_hz: float = 200.0) -> npt.NDArray[np.float32]:
+    """log F0 with unvoiced frames filled by interpolating their voiced neighbours (a contour the
+    vocoder can follow everywhere; voicing itself lives in the harmonic amplitudes)."""
+    voiced = np.nonzero(f0 > 0)[0]
+    if voiced.size == 0:
+        return np.full(f0.shape, np.log(default_hz), dtype=np.float32)
+    filled = np.interp(np.arange(f0.size), voiced, np.log(f0[voiced]))
+    return filled.astype(np.float32)

@@ -15,10 +15,10 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
-from safetensors.torch import load_file, save_file
+if TYPE_CHECKING:  # torch loads when a stage trains, not when the CLI starts
+    import torch
 
 DONE_FILE = "DONE"
 METRICS_FILE = "metrics.json"
@@ -94,6 +94,8 @@ def run_stage(fn: StageFn, ctx: StageContext) -> dict[str, Any]:
     done = ctx.out / DONE_FILE
     if done.is_file():
         return dict(json.loads(done.read_text()))
+    import torch
+
     torch.manual_seed(ctx.seed)
     started = time.perf_counter()
     result = dict(fn(ctx))
@@ -149,6 +151,8 @@ def save_training_state(
 ) -> None:
     """Weights (safetensors) + optimizer tensors (safetensors) + JSON, written atomically enough
     for resume: the JSON names the step and is written last."""
+    from safetensors.torch import save_file
+
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.tmp.safetensors"))
     opt_state = optimizer.state_dict()
@@ -167,6 +171,8 @@ def load_training_state(
     meta_path = folder / "state.json"
     if not meta_path.is_file():
         return 0, {}
+    from safetensors.torch import load_file
+
     meta = json.loads(meta_path.read_text())
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     tensors = load_file(str(folder / "optimizer.safetensors"))
@@ -175,6 +181,8 @@ def load_training_state(
 
 
 def _flatten_optimizer(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    import torch
+
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for param_id, values in state["state"].items():

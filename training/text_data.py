@@ -92,18 +92,21 @@ def corpus_texts(facts: Sequence[Fact], templates: dict[str, list[str]]) -> list
 
 
 def build_conversations(
-    facts: Sequence[Fact], templates: dict[str, list[str]], history_share: float = 0.25, seed: int = 0
+    facts: Sequence[Fact], templates: dict[str, list[str]], history_share: float = 0.5, seed: int = 0
 ) -> list[Conversation]:
     """Every question of every fact alone; a `history_share` of them (chosen at random, fixed
-    by the seed) also comes again after another fact's question and answer."""
+    by the seed) also comes again after another fact's question and answer. Half of those
+    earlier turns are from the same category ("capital of Germany?" then "of France?"), the
+    case where a model most easily repeats the earlier answer."""
     rng = random.Random(seed)
     conversations: list[Conversation] = []
     for fact in facts:
         others = [f for f in facts if f.id != fact.id]
+        similar = [f for f in others if f.category == fact.category] or others
         for question in questions_for(fact, templates):
             conversations.append(Conversation(fact.id, question, fact.answer))
             if others and rng.random() < history_share:
-                other = rng.choice(others)
+                other = rng.choice(similar if rng.random() < 0.5 else others)
                 earlier = Turn(rng.choice(questions_for(other, templates)), other.answer)
                 conversations.append(Conversation(fact.id, question, fact.answer, (earlier,)))
     return conversations

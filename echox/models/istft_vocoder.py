@@ -1,19 +1,27 @@
-"""Unit vocoder with an inverse-STFT head (Vocos style), for models we train on CPU.
+"""Unit vocoder whose network runs at the unit rate (50 Hz), for models we train on CPU.
 
 Deduplicated units → embeddings → predicted durations → frame-rate embeddings → ConvNeXt blocks
-at the unit rate (50 Hz) → per-frame log-magnitude and phase → inverse STFT → 16 kHz waveform.
-All the network runs at the frame rate and only the inverse FFT works at the sample rate, so it
-trains in minutes on two CPU cores where a HiFi-GAN generator (convolutions at every upsampled
-rate) needs hours. The public surface matches `UnitVocoder` (forward, synthesize,
-predict_durations, duration_loss, log_durations), and the duration predictor is the same.
+at 50 Hz → a head, then signal processing without weights turns the head's frames into 16 kHz
+audio. Only that last step works at the sample rate, so the vocoder trains in minutes on two
+CPU cores where a HiFi-GAN generator (convolutions at every upsampled rate) needs hours. Heads:
 
-Frame t of the inverse STFT is centred on the middle of samples [t·hop, (t+1)·hop), like the
-unit features, so T frames give exactly T·hop samples.
+- "harmonic" (default): F0 and a spectral envelope per frame; the voiced part is a bank of
+  harmonics of F0 whose phases are the running integral of F0 and whose amplitudes are the
+  envelope sampled at k·F0; the unvoiced part is noise shaped by a second envelope (inverse
+  STFT with random phases). Phases are coherent by construction, which a frame-rate network
+  cannot learn quickly at a 20 ms hop. F0 is learned against a pitch track (`f0_loss`); in
+  training the harmonics follow the true F0 (teacher forcing), at inference the predicted one.
+- "spectrum" (Vocos style): log-magnitude and phase per STFT bin, inverse STFT.
+
+The public surface matches `UnitVocoder` (forward, synthesize, predict_durations,
+duration_loss, log_durations), with the same duration predictor. Frame t is centred on the
+middle of samples [t·hop, (t+1)·hop), like the unit features: T frames give T·hop samples.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import torch
@@ -26,12 +34,14 @@ from echox.errors import ConfigError
 from echox.models.vocoder import DurationPredictor
 
 ARCHITECTURE = "istft"
-_MAX_LOG_MAGNITUDE = 5.0  # exp(5) ≈ 148: a cap keeps an untrained head from overflowing the iFFT
+HEADS = ("harmonic", "spectrum")
+_MAX_LOG_MAGNITUDE = 5.0  # exp(5) ≈ 148: a cap keeps an untrained head from overflowing
+_SYNTHESIS_SEED = 0  # synthesize() draws its noise from a fixed seed: same units, same audio
 
 
 @dataclasses.dataclass(frozen=True)
 class IstftVocoderConfig(ConfigBase):
-    """Sizes of the iSTFT unit vocoder; `architecture` tells a loader which vocoder a part holds."""
+    """Sizes of the frame-rate unit vocoder; `architecture` tells a loader which vocoder a part holds."""
 
     num_units: int = 128
     unit_embed_dim: int = 128
@@ -39,8 +49,14 @@ class IstftVocoderConfig(ConfigBase):
     intermediate_dim: int = 768
     num_layers: int = 6
     kernel_size: int = 7
-    n_fft: int = 1280
+    head: str = "harmonic"
+    n_fft: int = 640  # the inverse STFT of the noise (harmonic head) or of everything (spectrum head)
     hop_length: int = 320
+    subframes: int = 1  # synthesis frames per unit frame (2: envelopes at 100 Hz, sharper onsets)
+    num_harmonics: int = 64
+    envelope_bins: int = 128  # harmonic envelope, linear in frequency from 0 to Nyquist
+    noise_bins: int = 64  # noise envelope, the same way
+    f0_center_hz: float = 200.0  # the F0 an untrained head starts from
     dur_hidden_dim: int = 128
     dur_kernel_size: int = 3
     dur_dropout: float = 0.5
@@ -53,23 +69,40 @@ class IstftVocoderConfig(ConfigBase):
 
         if self.architecture != ARCHITECTURE:
             fail(f"architecture must be {ARCHITECTURE!r}, got {self.architecture!r}")
-        if min(self.num_units, self.unit_embed_dim, self.hidden_dim, self.intermediate_dim, self.num_layers) < 1:
-            fail("num_units, unit_embed_dim, hidden_dim, intermediate_dim and num_layers must be >= 1")
+        if self.head not in HEADS:
+            fail(f"head must be one of {HEADS}, got {self.head!r}")
+        sizes = (self.num_units, self.unit_embed_dim, self.hidden_dim, self.intermediate_dim, self.num_layers)
+        if min(sizes) < 1 or min(self.num_harmonics, self.envelope_bins - 1, self.noise_bins - 1) < 1:
+            fail("sizes must be >= 1, envelope_bins and noise_bins >= 2")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             fail("kernel_size must be odd so 'same' padding keeps the length")
-        if not 0 < self.hop_length <= self.n_fft or (self.n_fft - self.hop_length) % 2:
-            fail("need 0 < hop_length <= n_fft with an even difference (frames centred on their hop)")
+        if self.subframes < 1 or self.hop_length % self.subframes:
+            fail("subframes must be >= 1 and divide hop_length")
+        if not 0 < self.synthesis_hop <= self.n_fft or (self.n_fft - self.synthesis_hop) % 2:
+            fail("need 0 < hop_length / subframes <= n_fft with an even difference (frames centred on their hop)")
         if self.dur_hidden_dim < 1 or self.dur_kernel_size < 1 or self.dur_kernel_size % 2 == 0:
             fail("dur_hidden_dim must be >= 1 and dur_kernel_size odd")
         if not 0.0 <= self.dur_dropout < 1.0:
             fail("dur_dropout must be in [0, 1)")
-        if self.sample_rate < 1:
-            fail("sample_rate must be positive")
+        if self.sample_rate < 1 or not 0 < self.f0_center_hz < self.sample_rate / 2:
+            fail("sample_rate must be positive and f0_center_hz below Nyquist")
+
+    @property
+    def synthesis_hop(self) -> int:
+        """Samples per synthesis frame (hop_length / subframes)."""
+        return self.hop_length // self.subframes
+
+    @property
+    def head_outputs(self) -> int:
+        """Outputs per synthesis frame."""
+        if self.head == "spectrum":
+            return self.n_fft + 2  # log-magnitude and phase per bin
+        return 1 + self.envelope_bins + self.noise_bins  # log F0, harmonic and noise envelopes
 
     @classmethod
     def tiny(cls) -> IstftVocoderConfig:
-        """Trains to intelligible speech in about ten minutes on two CPU cores."""
-        return cls()
+        """Trains to intelligible speech in minutes on two CPU cores."""
+        return cls(unit_embed_dim=128, hidden_dim=256, intermediate_dim=512, num_layers=4)
 
 
 class ConvNeXtBlock(nn.Module):
@@ -113,8 +146,23 @@ class InverseStft(nn.Module):
         return signal[:, start:end] / envelope[:, start:end].clamp(min=1e-8)
 
 
+def _to_samples(frames: torch.Tensor, hop: int) -> torch.Tensor:
+    """Linear interpolation [B, C, T] → [B, C, T·hop]; frame t lands on the middle of hop t."""
+    return F.interpolate(frames, scale_factor=hop, mode="linear", align_corners=False)
+
+
+def _sample_envelope(log_env: torch.Tensor, freqs: torch.Tensor, nyquist: float) -> torch.Tensor:
+    """A log-envelope [B, T, E] on a linear grid 0…Nyquist, read at `freqs` [B, T, K] (Hz)."""
+    bins = log_env.shape[-1] - 1
+    position = (freqs / nyquist * bins).clamp(0, bins - 1e-4)
+    low = position.floor().long()
+    weight = position - low
+    return log_env.gather(-1, low) * (1 - weight) + log_env.gather(-1, low + 1) * weight
+
+
 class IstftVocoder(nn.Module):
-    """Units → ConvNeXt at 50 Hz → magnitude and phase → inverse STFT, plus a duration predictor."""
+    """Units → ConvNeXt at 50 Hz → harmonic-plus-noise (or spectrum) head → 16 kHz waveform,
+    plus a duration predictor."""
 
     def __init__(self, config: IstftVocoderConfig) -> None:
         super().__init__()
@@ -129,26 +177,87 @@ class IstftVocoder(nn.Module):
             for _ in range(c.num_layers)
         )
         self.norm_post = nn.LayerNorm(c.hidden_dim, eps=1e-6)
-        self.head = nn.Linear(c.hidden_dim, c.n_fft + 2)  # log-magnitude and phase per bin
-        self.istft = InverseStft(c.n_fft, c.hop_length)
+        self.head = nn.Linear(c.hidden_dim, c.head_outputs * c.subframes)
+        if c.head == "harmonic":
+            with torch.no_grad():  # start quiet (amplitudes about 0.01) at the centre F0
+                self.head.bias.fill_(-4.6)
+                self.head.bias[:: c.head_outputs] = 0.0
+        self.istft = InverseStft(c.n_fft, c.synthesis_hop)
 
     @property
     def device(self) -> torch.device:
         return self.unit_embed.weight.device
 
-    def spectrum(self, units: torch.Tensor) -> torch.Tensor:
-        """Frame-rate units [B, T] → complex spectra [B, n_fft//2+1, T]."""
-        x = self.conv_pre(self.unit_embed(units).transpose(1, 2)).transpose(1, 2)
-        x = self.norm_pre(x)
+    def encode(self, units: torch.Tensor) -> torch.Tensor:
+        """Frame-rate units [B, T] → head outputs per synthesis frame [B, T · subframes, head_outputs]."""
+        x = self.norm_pre(self.conv_pre(self.unit_embed(units).transpose(1, 2)).transpose(1, 2))
         for block in self.blocks:
             x = block(x)
-        log_mag, phase = self.head(self.norm_post(x)).transpose(1, 2).chunk(2, dim=1)
-        magnitude = torch.exp(log_mag.clamp(max=_MAX_LOG_MAGNITUDE))
-        return torch.polar(magnitude, phase)
+        out: torch.Tensor = self.head(self.norm_post(x))
+        return out.reshape(out.shape[0], -1, self.config.head_outputs)
 
-    def forward(self, units: torch.Tensor) -> torch.Tensor:
+    def _synthesis_rate(self, per_unit_frame: torch.Tensor) -> torch.Tensor:
+        """[B, T] at the unit rate → [B, T · subframes] (linear, centres kept)."""
+        if self.config.subframes == 1:
+            return per_unit_frame
+        up = F.interpolate(per_unit_frame.unsqueeze(1), scale_factor=self.config.subframes, mode="linear")
+        return up[:, 0]
+
+    def log_f0(self, frames: torch.Tensor) -> torch.Tensor:
+        """Predicted log F0 (Hz) per frame [B, T] from `encode`'s output (harmonic head)."""
+        return frames[..., 0] + math.log(self.config.f0_center_hz)
+
+    def spectrum(self, frames: torch.Tensor) -> torch.Tensor:
+        """Complex spectra [B, n_fft//2+1, T] from `encode`'s output (spectrum head)."""
+        log_mag, phase = frames.transpose(1, 2).chunk(2, dim=1)
+        return torch.polar(torch.exp(log_mag.clamp(max=_MAX_LOG_MAGNITUDE)), phase)
+
+    def decode(
+        self, frames: torch.Tensor, log_f0: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Head outputs → waveform [B, T·hop]. `log_f0` [B, T] overrides the predicted F0 (teacher
+        forcing); `generator` draws the noise and the starting phase."""
+        if self.config.head == "spectrum":
+            return self.istft(self.spectrum(frames)).clamp(-1.0, 1.0)
+        c = self.config
+        f0 = torch.exp(self.log_f0(frames) if log_f0 is None else self._synthesis_rate(log_f0)).detach()
+        harmonic_env, noise_env = frames[..., 1:].split([c.envelope_bins, c.noise_bins], dim=-1)
+        voiced = self._harmonics(harmonic_env, f0, generator)
+        noise = self._noise(noise_env, generator)
+        return (voiced + noise).clamp(-1.0, 1.0)
+
+    def _harmonics(self, log_env: torch.Tensor, f0: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        c, nyquist = self.config, self.config.sample_rate / 2
+        order = torch.arange(1, c.num_harmonics + 1, device=f0.device, dtype=f0.dtype)
+        freqs = f0.unsqueeze(-1) * order  # [B, T, K]
+        amplitude = torch.exp(_sample_envelope(log_env, freqs, nyquist).clamp(max=_MAX_LOG_MAGNITUDE))
+        amplitude = amplitude * (freqs < nyquist)  # no aliasing: drop harmonics above Nyquist
+        amplitude = _to_samples(amplitude.transpose(1, 2), c.synthesis_hop)  # [B, K, N]
+        with torch.no_grad():
+            # The phase is the running integral of F0; summed in float64 and wrapped to one cycle,
+            # so float32 keeps k · phase exact enough for every harmonic.
+            f0_samples = _to_samples(f0.unsqueeze(1).double(), c.synthesis_hop)[:, 0]
+            start = torch.rand(f0.shape[0], 1, generator=generator, dtype=torch.float64).to(f0.device)
+            cycles = torch.remainder(torch.cumsum(f0_samples / c.sample_rate, dim=1) + start, 1.0)
+            angle = (2 * math.pi) * cycles.to(f0.dtype).unsqueeze(1) * order[None, :, None]  # [B, K, N]
+        return (amplitude * torch.sin(angle)).sum(dim=1)
+
+    def _noise(self, log_env: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        bins = self.config.n_fft // 2 + 1
+        magnitude = torch.exp(log_env.clamp(max=_MAX_LOG_MAGNITUDE))  # [B, T, E]
+        magnitude = F.interpolate(magnitude, size=bins, mode="linear", align_corners=True).transpose(1, 2)
+        phase = torch.rand(magnitude.shape, generator=generator).to(magnitude.device) * (2 * math.pi)
+        return self.istft(torch.polar(magnitude, phase))
+
+    def forward(self, units: torch.Tensor, log_f0: torch.Tensor | None = None) -> torch.Tensor:
         """Units already expanded to frame rate, LongTensor [B, T] → waveform [B, T · hop]."""
-        return self.istft(self.spectrum(units)).clamp(-1.0, 1.0)
+        return self.decode(self.encode(units), log_f0)
+
+    def f0_loss(self, frames: torch.Tensor, target_log_f0: torch.Tensor) -> torch.Tensor:
+        """L1 between predicted log F0 and the target [B, T] at the unit rate (0 for the spectrum head)."""
+        if self.config.head == "spectrum":
+            return frames.new_zeros(())
+        return F.l1_loss(self.log_f0(frames), self._synthesis_rate(target_log_f0))
 
     def log_durations(self, dedup_units: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Raw duration-predictor output log(1 + d) per deduplicated unit, [B, N]."""
@@ -179,7 +288,8 @@ class IstftVocoder(nn.Module):
     ) -> torch.Tensor:
         """One utterance of deduplicated units [N] → float32 waveform [samples] on the CPU.
 
-        Uses predicted durations when `durations` is None; runs in eval mode and restores the mode.
+        Uses predicted durations when `durations` is None; runs in eval mode and restores the
+        mode. The noise comes from a fixed seed, so the same units always give the same audio.
         """
         units = self._check_units(dedup_units)
         was_training = self.training
@@ -189,7 +299,9 @@ class IstftVocoder(nn.Module):
                 frames = self.predict_durations(units.unsqueeze(0))[0]
             else:
                 frames = self._check_durations(durations, units.shape[0])
-            audio: torch.Tensor = self(torch.repeat_interleave(units, frames).unsqueeze(0))[0]
+            expanded = torch.repeat_interleave(units, frames).unsqueeze(0)
+            generator = torch.Generator().manual_seed(_SYNTHESIS_SEED)
+            audio: torch.Tensor = self.decode(self.encode(expanded), generator=generator)[0]
         finally:
             self.train(was_training)
         return audio.float().cpu().contiguous()

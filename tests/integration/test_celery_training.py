@@ -56,15 +56,18 @@ def _recipe(tmp_path: Path, limit: int, renditions: int) -> str:
 
 
 def _wait(result: AsyncResult, states: set[str], timeout_s: float) -> list[dict[str, object]]:
-    """Polls task state until one of `states`; returns the PROGRESS payloads seen."""
+    """Polls task state until one of `states`; returns the PROGRESS payloads seen. State and
+    payload are read in one backend call, so they always belong together."""
     progress = []
     deadline = time.monotonic() + timeout_s
-    while result.state not in states:
-        if result.state == "PROGRESS" and isinstance(result.info, dict):
-            progress.append(dict(result.info))
-        assert time.monotonic() < deadline, f"task stuck in {result.state}"
+    while True:
+        meta = result.backend.get_task_meta(result.id)
+        if meta["status"] in states:
+            return progress
+        if meta["status"] == "PROGRESS" and isinstance(meta["result"], dict):
+            progress.append(dict(meta["result"]))
+        assert time.monotonic() < deadline, f"task stuck in {meta['status']}"
         time.sleep(0.05)
-    return progress
 
 
 def test_a_stage_runs_in_a_worker_and_reports_progress(worker_queue: str, tmp_path: Path) -> None:

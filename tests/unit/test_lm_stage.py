@@ -142,15 +142,6 @@ def test_batched_greedy_decoding_matches_one_at_a_time(tokenizer: TextTokenizer)
     assert all(len(a) == 6 or tokenizer.eos_id not in a for a in batched)
 
 
-def test_key_word_check_normalises_case_and_numbers() -> None:
-    assert lm.has_key_words("A spider has 8 legs.", ["eight"])
-    assert lm.has_key_words("THE CAPITAL is PARIS.", ["Paris"])
-    assert lm.has_key_words("Mars orbits the sun.", ["the", "sun"])
-    assert not lm.has_key_words("The capital is Parisian.", ["Paris"])
-    assert not lm.has_key_words("Four plus four is seven.", ["eight"])
-    assert lm.number_to_words(42) == "forty two"
-
-
 def test_learning_rate_warms_up_then_decays() -> None:
     settings = lm.LMSettings(lr=1.0, warmup=4, steps=100, min_lr_ratio=0.1)
     assert lm.lr_at(settings, 0, 0.0) == pytest.approx(0.25)

@@ -162,39 +162,26 @@ def test_split_sentences() -> None:
     assert t2c.split_sentences("  \n ") == []
 
 
-def test_examples_add_sentences_of_train_answers_only(tmp_path: Path) -> None:
+def test_examples_add_sentences_of_train_answers_questions_and_phrases(tmp_path: Path) -> None:
     make_run(tmp_path)
     tokenizer = byte_level_tokenizer()
     codec = UnitLanguageCodec.load(tmp_path / "unit_language" / "unit_language.json")
+    rows = t2c.answer_rows(tmp_path)
+    texts = t2c.FactTexts(questions=("Is Rome old?",), vocabulary=("red green blue",))
+    extra = t2c.extra_texts(rows, t2c.T2CSettings(word_repeats=2, phrase_words=(2, 2)), texts, seed=1)
     calls: list[str] = []
-    settings = t2c.T2CSettings(vocab_phrases=3)
-    examples = t2c.build_examples(
-        t2c.answer_rows(tmp_path),
-        tokenizer,
-        codec,
-        settings,
-        fake_renderer(calls),
-        tmp_path / "p.jsonl",
-        phrase_texts=["red green blue"],
-        seed=1,
-    )
+    examples = t2c.build_examples(rows, tokenizer, codec, extra, fake_renderer(calls), tmp_path / "p.jsonl")
     sentences = [e for e in examples if e.source == "sentence"]
     assert len(sentences) == 5  # Rome (2) + Bees (3); the dev answer about Mars adds none
-    assert all(e.split == "train" for e in sentences)
-    assert [e.split for e in examples if e.source == "answer"].count("dev") == 2
-    assert sum(e.source == "phrase" for e in examples) == 3
+    assert [e.split for e in examples if e.source == "answer"] == [s for _, s, _ in ANSWERS]
+    assert all(e.split == "train" for e in examples if e.source != "answer")
+    assert [e.text_ids for e in examples if e.source == "question"] == [tuple(tokenizer.encode("Is Rome old?"))]
+    phrases = t2c.vocabulary_phrases(["red green blue"], 2, (2, 2), 1)
+    assert [e.text_ids for e in examples if e.source == "phrase"] == [tuple(tokenizer.encode(p)) for p in phrases]
     assert "Mars is red." not in calls and "They fly!" in calls
+    assert examples[-1].unit_tokens == tuple(codec.encode(fake_units(phrases[-1])))
     again: list[str] = []
-    t2c.build_examples(
-        t2c.answer_rows(tmp_path),
-        tokenizer,
-        codec,
-        settings,
-        fake_renderer(again),
-        tmp_path / "p.jsonl",
-        phrase_texts=["red green blue"],
-        seed=1,
-    )
+    t2c.build_examples(rows, tokenizer, codec, extra, fake_renderer(again), tmp_path / "p.jsonl")
     assert again == []  # every piece came from the cache
 
 
@@ -212,7 +199,7 @@ def test_smoke_run_writes_a_loadable_decoder(tmp_path: Path, renders: list[str])
     assert len(metrics["curves"]["loss"]) == 6 and len(metrics["curves"]["dev_accuracy"]) == 2
     assert (out / "loss.png").stat().st_size > 0
     assert summary["steps"] == 6 and 0.0 <= summary["dev_accuracy"] <= 1.0
-    assert summary["train_examples"] == {"answer": 5, "sentence": 5, "phrase": 0}
+    assert summary["train_examples"] == {"answer": 5, "sentence": 5, "question": 0, "phrase": 0}
     assert json.loads((out / DONE_FILE).read_text())["steps"] == 6
 
 
@@ -232,6 +219,15 @@ def test_cancelled_run_resumes_to_the_same_weights(tmp_path: Path, renders: list
     b = load_part_weights(resumed / "t2c", "echo_decoder", EchoDecoder(config)).state_dict()
     for name, tensor in a.items():
         torch.testing.assert_close(b[name], tensor, msg=name)
+
+
+def test_vocabulary_phrases_cover_every_word() -> None:
+    phrases = t2c.vocabulary_phrases(["Rome is old.", "Two plus two is four."], 3, (2, 3), seed=5)
+    words = [w.rstrip(".") for p in phrases for w in p.split()]
+    assert sorted(set(words)) == ["Rome", "Two", "four", "is", "old", "plus", "two"]
+    assert all(words.count(w) == 3 for w in set(words))
+    assert all(p.endswith(".") and 1 <= len(p.split()) <= 3 for p in phrases)
+    assert phrases == t2c.vocabulary_phrases(["Rome is old.", "Two plus two is four."], 3, (2, 3), seed=5)
 
 
 def test_token_batches_keep_the_budget_and_resume_exactly() -> None:

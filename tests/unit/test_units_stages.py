@@ -17,7 +17,15 @@ from echox.audio import SAMPLE_RATE, read_wav, write_wav
 from echox.errors import ConfigError, EchoXError, ModelLoadError
 from echox.espeak import speak
 from echox.units.codec import UnitLanguageCodec, expand
-from training.features import FeatureConfig, LogMel, UnitExtractor, feature_stats, fit_kmeans
+from training.features import (
+    FeatureConfig,
+    LogMel,
+    UnitExtractor,
+    continuous_log_f0,
+    feature_stats,
+    fit_kmeans,
+    pitch_track,
+)
 from training.stage import DONE_FILE, MetricsLog, StageContext, run_stage
 from training.stages import unit_language, units
 
@@ -117,6 +125,18 @@ def test_extractor_assigns_the_nearest_centroid() -> None:
     extractor = UnitExtractor(FeatureConfig(num_mels=2), torch.zeros(2), torch.ones(2), centroids)
     frames = torch.tensor([[9.0, 1.0], [1.0, 1.0], [0.0, 8.0], [0.4, -0.2]])
     assert extractor.assign(frames).tolist() == [1, 0, 2, 0]
+
+
+def test_pitch_track_finds_the_fundamental_and_silence() -> None:
+    seconds = np.arange(16_000) / 16_000
+    tone = sum(np.sin(2 * np.pi * 180.0 * k * seconds) / k for k in range(1, 6)).astype(np.float32) * 0.2
+    audio = np.concatenate([np.zeros(8_000, dtype=np.float32), tone])
+    f0 = pitch_track(audio)
+    assert f0.shape == (75,)
+    assert np.all(f0[:20] == 0)  # silence is unvoiced
+    assert np.allclose(f0[30:70], 180.0, rtol=0.01)
+    filled = continuous_log_f0(np.array([0, 100, 0, 0, 400, 0], dtype=np.float32))
+    assert np.allclose(np.exp(filled), [100, 100, 100 * 4 ** (1 / 3), 100 * 4 ** (2 / 3), 400, 400], rtol=1e-4)
 
 
 # --- the units stage -----------------------------------------------------------------------

@@ -103,17 +103,41 @@ def test_inverse_stft_inverts_the_matching_stft() -> None:
     torch.testing.assert_close(InverseStft(n_fft, hop)(spec), wav, atol=1e-4, rtol=0)
 
 
-def test_istft_vocoder_speaks_one_hop_per_frame() -> None:
+@pytest.mark.parametrize(("head", "subframes"), [("harmonic", 1), ("harmonic", 2), ("spectrum", 2)])
+def test_istft_vocoder_speaks_one_hop_per_frame(head: str, subframes: int) -> None:
     torch.manual_seed(0)
-    model = IstftVocoder(IstftVocoderConfig(num_units=10, **MICRO))
+    model = IstftVocoder(IstftVocoderConfig(num_units=10, head=head, subframes=subframes, **MICRO)).eval()
     assert model(torch.randint(0, 10, (3, 7))).shape == (3, 7 * 320)
     audio = model.synthesize([1, 4, 2], torch.tensor([2, 3, 1]))
     assert audio.shape == (6 * 320,) and audio.dtype == torch.float32
+    assert torch.equal(audio, model.synthesize([1, 4, 2], torch.tensor([2, 3, 1])))  # noise from a fixed seed
     predicted = model.predict_durations(torch.tensor([[1, 4, 2, 0]]), lengths=torch.tensor([3]))
     assert predicted[0, :3].min() >= 1 and predicted[0, 3] == 0
     assert model.synthesize([1, 4, 2]).numel() == int(model.predict_durations(torch.tensor([[1, 4, 2]])).sum()) * 320
     loss = model.duration_loss(torch.tensor([[1, 4, 2]]), torch.tensor([[2, 3, 0]]))
     assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+def test_harmonic_head_sings_the_f0_it_is_given() -> None:
+    """A flat envelope and no noise: the output is periodic at the given F0 (its spectrum peaks
+    on multiples of it), whatever F0 the head itself would predict."""
+    config = IstftVocoderConfig(num_units=4, head="harmonic", subframes=2, **MICRO)
+    model = IstftVocoder(config)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        bias = model.head.bias.view(config.subframes, config.head_outputs)
+        bias.zero_()
+        bias[:, 1 : 1 + config.envelope_bins] = -3.0  # every harmonic at amplitude 0.05
+        bias[:, 1 + config.envelope_bins :] = -30.0  # no noise
+    frames = 50
+    wav = model(torch.zeros(1, frames, dtype=torch.long), log_f0=torch.full((1, frames), np.log(250.0)))[0]
+    spectrum = torch.fft.rfft(wav * torch.hann_window(wav.numel())).abs()
+    hz_per_bin = 16_000 / wav.numel()
+    peak_hz = float(spectrum[int(100 / hz_per_bin) :].argmax()) * hz_per_bin + 100
+    assert abs(peak_hz - 250.0 * round(peak_hz / 250.0)) < 3 * hz_per_bin
+    fundamental = spectrum[round(250 / hz_per_bin)]
+    assert fundamental > 20 * spectrum[round(375 / hz_per_bin)]  # nothing between the harmonics
+    assert model.f0_loss(model.encode(torch.zeros(1, 3, dtype=torch.long)), torch.full((1, 3), np.log(200.0))) < 1e-5
 
 
 def test_istft_vocoder_rejects_bad_input_and_config() -> None:
@@ -148,12 +172,14 @@ def test_crops_pair_each_unit_with_its_hop(units_run: Path) -> None:
     fake = vocoder.Utterance(
         id="x", fact_id="x", split="train", audio=np.repeat(np.arange(frames, dtype=np.float32), 320),
         source=Path("x.wav"), units=tuple(i % 10 for i in range(frames)), durations=(1,) * frames,
+        log_f0=np.arange(frames, dtype=np.float32),
     )
-    unit_batch, audio = vocoder.crop_batch([fake], 3, 8, 320, torch.Generator().manual_seed(0))
-    assert unit_batch.shape == (3, 8) and audio.shape == (3, 8 * 320)
-    first_frame = audio[:, ::320].long()  # the sample value names the frame it came from
-    assert torch.equal(first_frame % 10, unit_batch)
+    crops = vocoder.crop_batch([fake], 3, 8, 320, torch.Generator().manual_seed(0))
+    assert crops.units.shape == (3, 8) and crops.audio.shape == (3, 8 * 320) and crops.log_f0.shape == (3, 8)
+    first_frame = crops.audio[:, ::320].long()  # the sample value names the frame it came from
+    assert torch.equal(first_frame % 10, crops.units)
     assert torch.equal(first_frame[:, 1:] - first_frame[:, :-1], torch.ones(3, 7, dtype=torch.long))
+    assert torch.equal(crops.log_f0, first_frame.float())  # the F0 track is cropped with them
 
 
 def test_duration_batch_pads_with_zero_durations(units_run: Path) -> None:

@@ -28,6 +28,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ IGNORE_INDEX = -100
 PART_NAME = "echo_decoder"
 CHECKPOINT_DIR = "checkpoint"
 PIECES_FILE = "pieces.jsonl"  # rendered sentence pieces and phrases, kept so a resume skips them
+SOURCES = ("answer", "sentence", "question", "phrase")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 # Renders texts in one voice and returns each one's deduplicated units.
@@ -67,7 +69,8 @@ class T2CSettings:
     checkpoint_every: int = 200
     max_minutes: float = 8.0  # a safety stop: the run ends early (and says so) past this
     sentence_pieces: bool = True
-    vocab_phrases: int = 0  # random word runs rendered in the agent voice (0: none)
+    questions: bool = True  # every question phrasing of the fact base, said in the agent voice
+    word_repeats: int = 0  # phrases in which each fact-base word is heard this often (0: none)
     phrase_words: tuple[int, int] = (2, 6)
 
     @classmethod
@@ -89,7 +92,7 @@ class T2CExample:
     text_ids: tuple[int, ...]
     unit_tokens: tuple[int, ...]
     split: str  # "train" | "dev"
-    source: str  # "answer" | "sentence" | "phrase"
+    source: str  # one of SOURCES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,14 +167,20 @@ def answer_rows(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def vocabulary_phrases(texts: Sequence[str], count: int, words: tuple[int, int], seed: int) -> list[str]:
-    """`count` random runs of 'words' words drawn from the vocabulary of `texts` (deterministic)."""
+def vocabulary_phrases(texts: Sequence[str], repeats: int, words: tuple[int, int], seed: int) -> list[str]:
+    """Phrases of `words` (low, high) words in which every word of `texts` occurs `repeats`
+    times, in random order and company (deterministic for a seed); each ends with a period,
+    as sentences do."""
     vocab = sorted({w for text in texts for w in re.findall(r"[A-Za-z']+|\d+", text)})
-    if not vocab or count <= 0:
-        return []
     rng = random.Random(seed)
-    low, high = words
-    return [" ".join(rng.choice(vocab) for _ in range(rng.randint(low, high))) for _ in range(count)]
+    phrases: list[str] = []
+    for _ in range(max(0, repeats) if vocab else 0):
+        order = rng.sample(vocab, len(vocab))
+        while order:
+            take = rng.randint(*words)
+            phrases.append(" ".join(order[:take]) + ".")
+            order = order[take:]
+    return phrases
 
 
 def cached_render(path: Path, texts: Sequence[str], render: UnitRenderer) -> dict[str, list[int]]:
@@ -186,33 +195,58 @@ def cached_render(path: Path, texts: Sequence[str], render: UnitRenderer) -> dic
     return {text: cache[text] for text in texts}
 
 
-def build_examples(
-    rows: Sequence[dict[str, Any]],
-    tokenizer: TextTokenizer,
-    codec: UnitLanguageCodec,
-    settings: T2CSettings,
-    render: UnitRenderer | None,
-    cache_path: Path,
-    phrase_texts: Sequence[str] = (),
-    seed: int = 0,
-) -> list[T2CExample]:
-    """Whole answers (both splits), sentence pieces of multi-sentence TRAIN answers, and
-    vocabulary phrases (train). `render` may be None only when no pieces are wanted."""
-    examples = [
-        T2CExample(tuple(tokenizer.encode(r["text"])), tuple(codec.encode(r["units"])), r["split"], "answer")
-        for r in rows
-    ]
+@dataclasses.dataclass(frozen=True)
+class FactTexts:
+    """The fact base's text: its question phrasings, and every text whose words the LLM says."""
+
+    questions: tuple[str, ...] = ()
+    vocabulary: tuple[str, ...] = ()
+
+    @classmethod
+    def load(cls, facts_dir: Path | None) -> FactTexts:
+        if facts_dir is None:
+            return cls()
+        from training.text_data import corpus_texts, load_facts, load_templates, questions_for
+
+        facts, templates = load_facts(facts_dir), load_templates(facts_dir)
+        questions = dict.fromkeys(q for fact in facts for q in questions_for(fact, templates))
+        return cls(tuple(questions), tuple(corpus_texts(facts, templates)))
+
+
+def extra_texts(
+    rows: Sequence[dict[str, Any]], settings: T2CSettings, texts: FactTexts, seed: int
+) -> list[tuple[str, str]]:
+    """(text, source) of the training segments rendered here: each sentence of a multi-sentence
+    TRAIN answer, every question phrasing, and the vocabulary phrases."""
     extra: list[tuple[str, str]] = []
     if settings.sentence_pieces:
         for row in rows:
             pieces = split_sentences(row["text"])
             if row["split"] == "train" and len(pieces) > 1:
                 extra += [(piece, "sentence") for piece in pieces]
-    phrases = vocabulary_phrases(phrase_texts, settings.vocab_phrases, settings.phrase_words, seed)
-    extra += [(phrase, "phrase") for phrase in phrases]
+    if settings.questions:
+        extra += [(question, "question") for question in texts.questions]
+    phrases = vocabulary_phrases(texts.vocabulary, settings.word_repeats, settings.phrase_words, seed)
+    return extra + [(phrase, "phrase") for phrase in phrases]
+
+
+def build_examples(
+    rows: Sequence[dict[str, Any]],
+    tokenizer: TextTokenizer,
+    codec: UnitLanguageCodec,
+    extra: Sequence[tuple[str, str]],
+    render: UnitRenderer | None,
+    cache_path: Path,
+) -> list[T2CExample]:
+    """Whole answers (both splits, from the units stage) and the `extra` segments (train,
+    rendered or read from the cache). `render` may be None only when `extra` is empty."""
+    examples = [
+        T2CExample(tuple(tokenizer.encode(r["text"])), tuple(codec.encode(r["units"])), r["split"], "answer")
+        for r in rows
+    ]
     if extra:
         if render is None:
-            raise EchoXError("t2c: sentence pieces or phrases need a unit renderer")
+            raise EchoXError("t2c: sentence pieces, questions or phrases need a unit renderer")
         units = cached_render(cache_path, [text for text, _ in extra], render)
         for text, source in extra:
             codes = tuple(codec.encode(units[text]))
@@ -431,18 +465,11 @@ def espeak_renderer(units_dir: Path, voice: str, rate: int, pitch: int) -> UnitR
         from training.features import UnitExtractor
 
         extractor = UnitExtractor.load(units_dir)
-        return [extractor.dedup_units(speak(text, voice, rate, pitch)) for text in texts]
+        with ThreadPoolExecutor(max_workers=2) as pool:  # espeak-ng runs as a subprocess
+            audios = pool.map(lambda text: speak(text, voice, rate, pitch), texts)
+            return [extractor.dedup_units(audio) for audio in audios]
 
     return render
-
-
-def _phrase_source_texts(facts_dir: Path | None) -> list[str]:
-    """Every answer and question text of the fact base (the words the LLM can say)."""
-    if facts_dir is None:
-        return []
-    from training.text_data import corpus_texts, load_facts, load_templates
-
-    return corpus_texts(load_facts(facts_dir), load_templates(facts_dir))
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -454,11 +481,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     rows = answer_rows(ctx.run_dir)
     agent = rows[0]  # every answer is in the one agent voice
     render = espeak_renderer(ctx.input("units"), agent["voice"], int(agent["rate"]), int(agent["pitch"]))
-    phrase_texts = _phrase_source_texts(ctx.facts) if settings.vocab_phrases else []
-    ctx.reporter.log(f"t2c: preparing {len(rows)} answers (+ sentence pieces, {settings.vocab_phrases} phrases)")
-    examples = build_examples(
-        rows, text.tokenizer, codec, settings, render, ctx.out / PIECES_FILE, phrase_texts, ctx.seed
-    )
+    extra = extra_texts(rows, settings, FactTexts.load(ctx.facts), ctx.seed)
+    ctx.reporter.log(f"t2c: {len(rows)} answers and {len(extra)} rendered segments")
+    examples = build_examples(rows, text.tokenizer, codec, extra, render, ctx.out / PIECES_FILE)
     config = decoder_config(ctx.preset, text.llm_config, codec)
     decoder = new_decoder(config, text.table)
     result = train_decoder(ctx, decoder, examples, text, settings)
@@ -474,7 +499,7 @@ def _summary(result: TrainResult, examples: Sequence[T2CExample], decoder: EchoD
         "stopped_early": result.stopped_early,
         "train_loss": None if result.train_loss is None else round(result.train_loss, 4),
         **{name: round(value, 4) for name, value in result.dev.items()},
-        "train_examples": {s: sum(e.source == s for e in train) for s in ("answer", "sentence", "phrase")},
+        "train_examples": {s: sum(e.source == s for e in train) for s in SOURCES},
         "dev_examples": len(examples) - len(train),
         "max_unit_tokens_per_input": round(max(ratios), 2),
         "parameters": sum(p.numel() for p in decoder.parameters()),

@@ -43,7 +43,7 @@ from echox.models.istft_vocoder import ARCHITECTURE as ISTFT
 from echox.models.istft_vocoder import IstftVocoder, IstftVocoderConfig
 from echox.models.vocoder import UnitVocoder, VocoderConfig
 from echox.units.codec import expand
-from training.features import FeatureConfig, mel_filterbank
+from training.features import FeatureConfig, PitchConfig, UnitExtractor, continuous_log_f0, mel_filterbank, pitch_track
 from training.stage import MetricsLog, StageContext, load_training_state, save_training_state
 
 PART_NAME = "vocoder"
@@ -69,7 +69,8 @@ class VocoderSettings:
     grad_clip: float = 10.0
     stft_weight: float = 1.0
     mel_weight: float = 1.0
-    head_weight: float = 1.0  # istft only: log-magnitude L1 on the head's own frames
+    head_weight: float = 1.0  # spectrum head only: log-magnitude L1 on the head's own frames
+    f0_weight: float = 1.0  # harmonic head only: log-F0 L1 against the pitch track
     duration_weight: float = 1.0
     duration_batch: int = 16  # whole answers per step for the duration predictor
     log_every: int = 25
@@ -79,6 +80,7 @@ class VocoderSettings:
     judge: bool = True  # score dev resyntheses with Whisper tiny.en (needs faster-whisper)
     judge_limit: int | None = None  # judge only the first N dev answers
     samples: int = 4  # dev resyntheses written to samples/ for listening
+    init_from_centroids: bool = True  # unit embeddings start from the k-means centroids
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> VocoderSettings:
@@ -105,6 +107,7 @@ class Utterance:
     source: Path  # the original recording (judged as it is, uncut)
     units: tuple[int, ...]  # deduplicated
     durations: tuple[int, ...]
+    log_f0: npt.NDArray[np.float32]  # per frame, unvoiced frames interpolated (harmonic head target)
 
     @property
     def frame_units(self) -> list[int]:
@@ -136,18 +139,27 @@ def load_utterances(synth_dir: Path, units_dir: Path, hop_length: int) -> list[U
             Utterance(
                 id=row["id"], fact_id=row["fact_id"], split=row["split"], audio=audio[: frames * hop_length],
                 source=synth_dir / answer["path"], units=tuple(row["units"]), durations=tuple(row["durations"]),
+                log_f0=continuous_log_f0(pitch_track(audio[: frames * hop_length], PitchConfig(hop_length=hop_length))),
             )
         )
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Crops:
+    units: torch.Tensor  # [B, T] frame-rate units
+    audio: torch.Tensor  # [B, T·hop] their samples
+    log_f0: torch.Tensor  # [B, T]
+
+
 def crop_batch(
     utterances: Sequence[Utterance], batch_size: int, segment_frames: int, hop_length: int, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random crops: frame units [B, T] and their samples [B, T·hop]. An answer shorter than the
-    crop is padded with its last unit and silence."""
+) -> Crops:
+    """Random crops of frame units, samples and log F0. An answer shorter than the crop is padded
+    with its last unit, its last F0 and silence."""
     units = torch.zeros(batch_size, segment_frames, dtype=torch.long)
     audio = torch.zeros(batch_size, segment_frames * hop_length)
+    log_f0 = torch.zeros(batch_size, segment_frames)
     picks = torch.randint(len(utterances), (batch_size,), generator=generator).tolist()
     for row, index in enumerate(picks):
         utt = utterances[index]
@@ -159,7 +171,9 @@ def crop_batch(
         units[row, length:] = frame_units[-1]
         samples = utt.audio[start * hop_length : (start + length) * hop_length]
         audio[row, : samples.size] = torch.from_numpy(samples)
-    return units, audio
+        log_f0[row, :length] = torch.from_numpy(utt.log_f0[start : start + length])
+        log_f0[row, length:] = float(utt.log_f0[-1])
+    return Crops(units, audio, log_f0)
 
 
 def duration_batch(
@@ -218,10 +232,10 @@ def head_loss(spectrum: torch.Tensor, audio: torch.Tensor, config: IstftVocoderC
     """L1 between the head's log-magnitudes and the target's, framed as the head frames (frame t
     centred on hop t): a direct, strong signal for the magnitudes while the waveform losses
     teach the phases."""
-    side = (config.n_fft - config.hop_length) // 2
-    window = torch.hann_window(config.n_fft, device=audio.device)
+    n_fft, hop = config.n_fft, config.synthesis_hop
+    side = (n_fft - hop) // 2
+    window = torch.hann_window(n_fft, device=audio.device)
     padded = F.pad(audio, (side, side))
-    n_fft, hop = config.n_fft, config.hop_length
     target = torch.stft(padded, n_fft, hop, n_fft, window, center=False, return_complex=True)
     frames = spectrum.shape[-1]
     true_log = target[..., :frames].abs().clamp(min=1e-5).log()
@@ -260,6 +274,14 @@ def load_vocoder(folder: Path, name: str = PART_NAME) -> AnyVocoder:
     return model.eval()
 
 
+def init_unit_embeddings(model: AnyVocoder, centroids: torch.Tensor) -> None:
+    """Starts each unit's embedding from its k-means centroid (normalised log-mel), so the network
+    begins from "which sound is this" instead of a random code; extra dimensions stay random."""
+    dim = min(centroids.shape[1], model.unit_embed.weight.shape[1])
+    with torch.no_grad():
+        model.unit_embed.weight[:, :dim] = centroids[:, :dim]
+
+
 def learning_rate(step: int, settings: VocoderSettings) -> float:
     """Linear warmup, then cosine from the peak down to min_lr_ratio · peak."""
     peak = settings.learning_rate
@@ -288,19 +310,22 @@ def _step_losses(
     generator: torch.Generator,
 ) -> dict[str, torch.Tensor]:
     hop = model.config.hop_length
-    units, audio = crop_batch(train, settings.batch_size, settings.segment_frames, hop, generator)
+    crops = crop_batch(train, settings.batch_size, settings.segment_frames, hop, generator)
+    zero = crops.audio.new_zeros(())
     if isinstance(model, IstftVocoder):
-        spectrum = model.spectrum(units)
-        parts = loss_fn(model.istft(spectrum).clamp(-1.0, 1.0), audio)
-        parts["head"] = head_loss(spectrum, audio, model.config)
+        frames = model.encode(crops.units)
+        parts = loss_fn(model.decode(frames, crops.log_f0, generator), crops.audio)
+        parts["f0"] = model.f0_loss(frames, crops.log_f0)
+        spectrum_head = model.config.head == "spectrum"
+        parts["head"] = head_loss(model.spectrum(frames), crops.audio, model.config) if spectrum_head else zero
     else:
-        parts = loss_fn(model(units), audio)
-        parts["head"] = audio.new_zeros(())
+        parts = loss_fn(model(crops.units), crops.audio)
+        parts["f0"] = parts["head"] = zero
     dur_units, durations = duration_batch(train, settings.duration_batch, generator)
     parts["duration"] = model.duration_loss(dur_units, durations)
     parts["loss"] = (
         settings.stft_weight * parts["stft"] + settings.mel_weight * parts["mel"]
-        + settings.head_weight * parts["head"]
+        + settings.head_weight * parts["head"] + settings.f0_weight * parts["f0"]
         + settings.duration_weight * parts["duration"]
     )
     return parts
@@ -428,13 +453,23 @@ def judge_dev(
 def run(ctx: StageContext) -> dict[str, Any]:
     """The `vocoder` stage; settings: see VocoderSettings."""
     settings = VocoderSettings.from_mapping(ctx.settings)
+    threads = torch.get_num_threads()
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    try:
+        return _run(ctx, settings)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(ctx: StageContext, settings: VocoderSettings) -> dict[str, Any]:
     torch.manual_seed(ctx.seed)
     units_dir = ctx.input("units")
     num_units = int(json.loads((units_dir / "units.json").read_text())["num_units"])
     config = vocoder_config(settings, num_units)
     model = build_vocoder(config)
+    if settings.init_from_centroids:
+        init_unit_embeddings(model, UnitExtractor.load(units_dir).centroids)
     data = load_utterances(ctx.input("synth"), units_dir, config.hop_length)
     train = [u for u in data if u.split == "train"]
     dev = [u for u in data if u.split == "dev"]
