@@ -259,6 +259,30 @@ class IstftVocoder(nn.Module):
             return frames.new_zeros(())
         return F.l1_loss(self.log_f0(frames), self._synthesis_rate(target_log_f0))
 
+    def envelope_loss(
+        self, frames: torch.Tensor, audio: torch.Tensor, log_f0: torch.Tensor, voiced: torch.Tensor
+    ) -> torch.Tensor:
+        """Harmonic head: L1 between the log-envelope at each harmonic k·F0 and the log-amplitude
+        of the target's harmonic there (its STFT peak over half the window's sum), on voiced
+        frames. A direct target for the envelope, so it fits fast; the waveform losses refine it.
+        `audio` [B, T·hop], `log_f0` and bool `voiced` [B, T] at the unit rate."""
+        c = self.config
+        if c.head != "harmonic":
+            return frames.new_zeros(())
+        hop, nyquist = c.synthesis_hop, c.sample_rate / 2
+        side = (c.n_fft - hop) // 2
+        window = self.istft.window
+        spec = torch.stft(F.pad(audio, (side, side)), c.n_fft, hop, c.n_fft, window, center=False, return_complex=True)
+        magnitude = spec.abs()[..., : frames.shape[1]].transpose(1, 2)  # [B, T·S, bins]
+        order = torch.arange(1, c.num_harmonics + 1, device=audio.device, dtype=audio.dtype)
+        freqs = torch.exp(self._synthesis_rate(log_f0)).unsqueeze(-1) * order  # [B, T·S, K]
+        peak = _sample_envelope(magnitude.clamp(min=1e-5).log(), freqs, nyquist)
+        target = peak - math.log(float(window.sum()) / 2)
+        predicted = _sample_envelope(frames[..., 1 : 1 + c.envelope_bins], freqs, nyquist)
+        voiced_frames = self._synthesis_rate(voiced.to(audio.dtype)) > 0.5
+        mask = (freqs < nyquist) & voiced_frames.unsqueeze(-1)
+        return ((predicted - target).abs() * mask).sum() / mask.sum().clamp(min=1)
+
     def log_durations(self, dedup_units: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Raw duration-predictor output log(1 + d) per deduplicated unit, [B, N]."""
         return self.dur_predictor(self.unit_embed(dedup_units), mask)  # type: ignore[no-any-return]

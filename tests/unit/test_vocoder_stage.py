@@ -130,7 +130,8 @@ def test_harmonic_head_sings_the_f0_it_is_given() -> None:
         bias[:, 1 : 1 + config.envelope_bins] = -3.0  # every harmonic at amplitude 0.05
         bias[:, 1 + config.envelope_bins :] = -30.0  # no noise
     frames = 50
-    wav = model(torch.zeros(1, frames, dtype=torch.long), log_f0=torch.full((1, frames), np.log(250.0)))[0]
+    with torch.no_grad():
+        wav = model(torch.zeros(1, frames, dtype=torch.long), log_f0=torch.full((1, frames), np.log(250.0)))[0]
     spectrum = torch.fft.rfft(wav * torch.hann_window(wav.numel())).abs()
     hz_per_bin = 16_000 / wav.numel()
     peak_hz = float(spectrum[int(100 / hz_per_bin) :].argmax()) * hz_per_bin + 100
@@ -138,6 +139,13 @@ def test_harmonic_head_sings_the_f0_it_is_given() -> None:
     fundamental = spectrum[round(250 / hz_per_bin)]
     assert fundamental > 20 * spectrum[round(375 / hz_per_bin)]  # nothing between the harmonics
     assert model.f0_loss(model.encode(torch.zeros(1, 3, dtype=torch.long)), torch.full((1, 3), np.log(200.0))) < 1e-5
+    # The envelope target read back from that very output is the envelope that made it.
+    units, log_f0 = torch.zeros(1, frames, dtype=torch.long), torch.full((1, frames), np.log(250.0))
+    voiced = torch.ones(1, frames, dtype=torch.bool)
+    with torch.no_grad():
+        frames_out = model.encode(units)
+        assert float(model.envelope_loss(frames_out, wav[None], log_f0, voiced)) < 0.05
+        assert abs(float(model.envelope_loss(frames_out, wav[None] * 0.5, log_f0, voiced)) - np.log(2)) < 0.05
 
 
 def test_istft_vocoder_rejects_bad_input_and_config() -> None:
@@ -172,7 +180,7 @@ def test_crops_pair_each_unit_with_its_hop(units_run: Path) -> None:
     fake = vocoder.Utterance(
         id="x", fact_id="x", split="train", audio=np.repeat(np.arange(frames, dtype=np.float32), 320),
         source=Path("x.wav"), units=tuple(i % 10 for i in range(frames)), durations=(1,) * frames,
-        log_f0=np.arange(frames, dtype=np.float32),
+        log_f0=np.arange(frames, dtype=np.float32), voiced=np.ones(frames, dtype=bool),
     )
     crops = vocoder.crop_batch([fake], 3, 8, 320, torch.Generator().manual_seed(0))
     assert crops.units.shape == (3, 8) and crops.audio.shape == (3, 8 * 320) and crops.log_f0.shape == (3, 8)

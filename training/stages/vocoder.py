@@ -69,7 +69,7 @@ class VocoderSettings:
     grad_clip: float = 10.0
     stft_weight: float = 1.0
     mel_weight: float = 1.0
-    head_weight: float = 1.0  # spectrum head only: log-magnitude L1 on the head's own frames
+    head_weight: float = 1.0  # direct magnitude target: the spectrum bins, or the harmonic envelope
     f0_weight: float = 1.0  # harmonic head only: log-F0 L1 against the pitch track
     duration_weight: float = 1.0
     duration_batch: int = 16  # whole answers per step for the duration predictor
@@ -108,6 +108,7 @@ class Utterance:
     units: tuple[int, ...]  # deduplicated
     durations: tuple[int, ...]
     log_f0: npt.NDArray[np.float32]  # per frame, unvoiced frames interpolated (harmonic head target)
+    voiced: npt.NDArray[np.bool_]  # per frame: the pitch tracker found a period
 
     @property
     def frame_units(self) -> list[int]:
@@ -135,11 +136,12 @@ def load_utterances(synth_dir: Path, units_dir: Path, hop_length: int) -> list[U
         audio = read_wav(synth_dir / answer["path"])
         if audio.size < frames * hop_length:
             raise EchoXError(f"vocoder: {row['id']} has {frames} units but only {audio.size} samples")
+        f0 = pitch_track(audio[: frames * hop_length], PitchConfig(hop_length=hop_length))
         out.append(
             Utterance(
                 id=row["id"], fact_id=row["fact_id"], split=row["split"], audio=audio[: frames * hop_length],
                 source=synth_dir / answer["path"], units=tuple(row["units"]), durations=tuple(row["durations"]),
-                log_f0=continuous_log_f0(pitch_track(audio[: frames * hop_length], PitchConfig(hop_length=hop_length))),
+                log_f0=continuous_log_f0(f0), voiced=f0 > 0,
             )
         )
     return out
@@ -150,6 +152,7 @@ class Crops:
     units: torch.Tensor  # [B, T] frame-rate units
     audio: torch.Tensor  # [B, T·hop] their samples
     log_f0: torch.Tensor  # [B, T]
+    voiced: torch.Tensor  # bool [B, T]
 
 
 def crop_batch(
@@ -160,6 +163,7 @@ def crop_batch(
     units = torch.zeros(batch_size, segment_frames, dtype=torch.long)
     audio = torch.zeros(batch_size, segment_frames * hop_length)
     log_f0 = torch.zeros(batch_size, segment_frames)
+    voiced = torch.zeros(batch_size, segment_frames, dtype=torch.bool)
     picks = torch.randint(len(utterances), (batch_size,), generator=generator).tolist()
     for row, index in enumerate(picks):
         utt = utterances[index]
@@ -173,7 +177,8 @@ def crop_batch(
         audio[row, : samples.size] = torch.from_numpy(samples)
         log_f0[row, :length] = torch.from_numpy(utt.log_f0[start : start + length])
         log_f0[row, length:] = float(utt.log_f0[-1])
-    return Crops(units, audio, log_f0)
+        voiced[row, :length] = torch.from_numpy(utt.voiced[start : start + length])
+    return Crops(units, audio, log_f0, voiced)
 
 
 def duration_batch(
@@ -316,8 +321,10 @@ def _step_losses(
         frames = model.encode(crops.units)
         parts = loss_fn(model.decode(frames, crops.log_f0, generator), crops.audio)
         parts["f0"] = model.f0_loss(frames, crops.log_f0)
-        spectrum_head = model.config.head == "spectrum"
-        parts["head"] = head_loss(model.spectrum(frames), crops.audio, model.config) if spectrum_head else zero
+        if model.config.head == "spectrum":
+            parts["head"] = head_loss(model.spectrum(frames), crops.audio, model.config)
+        else:
+            parts["head"] = model.envelope_loss(frames, crops.audio, crops.log_f0, crops.voiced)
     else:
         parts = loss_fn(model(crops.units), crops.audio)
         parts["f0"] = parts["head"] = zero
