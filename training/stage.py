@@ -151,10 +151,10 @@ def save_training_state(
 ) -> None:
     """Weights (safetensors) + optimizer tensors (safetensors) + JSON, written atomically enough
     for resume: the JSON names the step and is written last."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file, save_model
 
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.tmp.safetensors"))
+    save_model(model, str(folder / "model.tmp.safetensors"))  # tied weights are stored once
     opt_state = optimizer.state_dict()
     tensors, layout = _flatten_optimizer(opt_state)
     save_file(tensors, str(folder / "optimizer.tmp.safetensors"))
@@ -171,10 +171,10 @@ def load_training_state(
     meta_path = folder / "state.json"
     if not meta_path.is_file():
         return 0, {}
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, load_model
 
     meta = json.loads(meta_path.read_text())
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    load_model(model, str(folder / "model.safetensors"))
     tensors = load_file(str(folder / "optimizer.safetensors"))
     optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
     return int(meta["step"]), dict(meta.get("extra", {}))

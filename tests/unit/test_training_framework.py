@@ -122,3 +122,21 @@ def test_recipe_data_outside_the_data_root_is_refused(tmp_path: Path) -> None:
         load_recipe(str(unknown), DATA_ROOT)
     with pytest.raises(RecipeError, match="no recipe"):
         load_recipe("does-not-exist", DATA_ROOT)
+
+
+def test_training_state_keeps_tied_weights_tied(tmp_path: Path) -> None:
+    """An LM with a tied head (shared storage) must checkpoint and resume."""
+    torch.manual_seed(0)
+    embed = torch.nn.Embedding(10, 4)
+    head = torch.nn.Linear(4, 10, bias=False)
+    head.weight = embed.weight
+    model = torch.nn.ModuleDict({"embed": embed, "head": head})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    save_training_state(tmp_path, model, optimizer, step=1)
+    torch.manual_seed(1)
+    other_embed, other_head = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False)
+    other_head.weight = other_embed.weight
+    other = torch.nn.ModuleDict({"embed": other_embed, "head": other_head})
+    assert load_training_state(tmp_path, other, torch.optim.AdamW(other.parameters()))[0] == 1
+    assert torch.equal(other["embed"].weight, embed.weight)
+    assert other["head"].weight.data_ptr() == other["embed"].weight.data_ptr()
