@@ -49,6 +49,9 @@ def _coerce(hint: Any, value: Any) -> Any:
         options = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None:
             return None
+        configs = [a for a in options if isinstance(a, type) and issubclass(a, ConfigBase)]
+        if len(configs) > 1:
+            return _first_config_that_fits(configs, value)
         return _coerce(options[0], value) if len(options) == 1 else value
     if origin is tuple and isinstance(value, list):
         items = typing.get_args(hint)
@@ -56,3 +59,15 @@ def _coerce(hint: Any, value: Any) -> Any:
             return tuple(_coerce(items[0], v) for v in value)
         return tuple(_coerce(a, v) for a, v in zip(items, value, strict=False))
     return value
+
+
+def _first_config_that_fits(options: list[type[ConfigBase]], value: Any) -> ConfigBase:
+    """A union of configs (e.g. the two vocoders): the first, in declared order, whose keys and
+    checks the value passes."""
+    reasons = []
+    for option in options:
+        try:
+            return option.from_dict(value)
+        except ConfigError as exc:
+            reasons.append(str(exc))
+    raise ConfigError("matches none of " + "; ".join(reasons))

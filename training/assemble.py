@@ -21,10 +21,11 @@ from echox.models.echo_decoder import EchoDecoderConfig
 from echox.models.echox import EchoXConfig, EchoXModel
 from echox.models.llm import LLMConfig
 from echox.models.presets import preset_tiny
-from echox.models.vocoder import VocoderConfig
+from echox.models.vocoders import AnyVocoderConfig
 from echox.tokenizer import ChatFormat, TextTokenizer
 from echox.units.codec import UnitLanguageCodec
 from training.stage import DONE_FILE
+from training.stages.vocoder import load_vocoder
 
 PART_STAGES = ("lm", "t2c", "unit_language", "vocoder")
 
@@ -37,7 +38,7 @@ def _finished(run_dir: Path, stage: str) -> Path:
 
 
 def assembled_config(
-    llm: LLMConfig, echo_decoder: EchoDecoderConfig, vocoder: VocoderConfig, codec: UnitLanguageCodec
+    llm: LLMConfig, echo_decoder: EchoDecoderConfig, vocoder: AnyVocoderConfig, codec: UnitLanguageCodec
 ) -> EchoXConfig:
     """The tiny preset at the learned sizes, with the parts' own configs (the weights fit those)."""
     base = preset_tiny(vocab_size=llm.vocab_size, unit_vocab_size=codec.vocab_size, num_units=codec.num_units)
@@ -57,7 +58,7 @@ def assemble_model(run_dir: Path, out: Path | None = None, seed: int = 0) -> Pat
     config = assembled_config(
         read_part_config(lm, "llm", LLMConfig),
         read_part_config(t2c, "echo_decoder", EchoDecoderConfig),
-        read_part_config(vocoder, "vocoder", VocoderConfig),
+        load_vocoder(vocoder).config,
         codec,
     ).replace(chat=chat)
     torch.manual_seed(seed)  # the not-yet-trained modules get a reproducible init

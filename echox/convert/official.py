@@ -119,7 +119,8 @@ def import_official(src_dir: str | Path, out_dir: str | Path) -> Path:
     tensors = load_safetensors(source.weights)
     whisper_cfg = read_json(source.whisper / "config.json")
     whisper = whisper_encoder_tensors(load_safetensors(safetensors_files(source.whisper, "Whisper")))
-    config = build_config(cfg, whisper_cfg, tensors, _vocoder_config(source.vocoder_config))
+    vocoder_config = _vocoder_config(source.vocoder_config)
+    config = build_config(cfg, whisper_cfg, tensors, vocoder_config)
     tokenizer, unit_texts = split_tokenizer(
         source.tokenizer, config.llm.vocab_size, config.echo_decoder.unit_vocab_size
     )
@@ -129,7 +130,7 @@ def import_official(src_dir: str | Path, out_dir: str | Path) -> Path:
         model = EchoXModel(config)
     state, unused = map_state_dict(tensors, model.state_dict().keys(), config.llm.tie_word_embeddings)
     state.update({f"speech_encoder.whisper.{k}": v for k, v in whisper.items()})
-    vocoder = load_fairseq_state_dict(_read_generator(source.vocoder), config.vocoder)
+    vocoder = load_fairseq_state_dict(_read_generator(source.vocoder), vocoder_config)
     state.update({f"vocoder.{k}": v for k, v in vocoder.items()})
     model = assemble(model, state, unused)
     codec = unit_language(unit_texts, config.vocoder.num_units)

@@ -16,7 +16,7 @@ from echox.models.echo_decoder import DenoisingAdapter, EchoDecoder, EchoDecoder
 from echox.models.llm import LLMConfig, build_llm
 from echox.models.speech_adapter import LookBack, SpeechAdapter, SpeechAdapterConfig, ctc_shrink_mask
 from echox.models.speech_encoder import SpeechEncoder, SpeechEncoderConfig
-from echox.models.vocoder import UnitVocoder, VocoderConfig
+from echox.models.vocoders import AnyVocoderConfig, build_vocoder
 from echox.streaming.segmenter import SegmenterConfig
 from echox.tokenizer import ChatFormat
 
@@ -35,7 +35,7 @@ class EchoXConfig(ConfigBase):
     adapter: SpeechAdapterConfig
     llm: LLMConfig
     echo_decoder: EchoDecoderConfig
-    vocoder: VocoderConfig
+    vocoder: AnyVocoderConfig
     segmenter: SegmenterConfig = dataclasses.field(default_factory=SegmenterConfig)
     chat: ChatFormat = dataclasses.field(default_factory=ChatFormat)
     official_compat: bool = False
@@ -75,7 +75,7 @@ class EchoXModel(nn.Module):
         self.llm = build_llm(config.llm)
         self.aligner = DenoisingAdapter(config.echo_decoder)
         self.echo_decoder = EchoDecoder(config.echo_decoder)
-        self.vocoder = UnitVocoder(config.vocoder)
+        self.vocoder = build_vocoder(config.vocoder)
 
     # --- listening -------------------------------------------------------------------------
     def encode_states(self, input_features: torch.Tensor, num_states: Sequence[int]) -> torch.Tensor:

@@ -41,7 +41,9 @@ _SYNTHESIS_SEED = 0  # synthesize() draws its noise from a fixed seed: same unit
 
 @dataclasses.dataclass(frozen=True)
 class IstftVocoderConfig(ConfigBase):
-    """Sizes of the frame-rate unit vocoder; `architecture` tells a loader which vocoder a part holds."""
+    """Sizes of the frame-rate unit vocoder (the defaults are the tiny recipe's, which train to
+    intelligible speech in minutes on two CPU cores); `architecture` tells a loader which vocoder
+    a part holds."""
 
     num_units: int = 128
     unit_embed_dim: int = 128
@@ -98,11 +100,6 @@ class IstftVocoderConfig(ConfigBase):
         if self.head == "spectrum":
             return self.n_fft + 2  # log-magnitude and phase per bin
         return 1 + self.envelope_bins + self.noise_bins  # log F0, harmonic and noise envelopes
-
-    @classmethod
-    def tiny(cls) -> IstftVocoderConfig:
-        """Trains to intelligible speech in minutes on two CPU cores."""
-        return cls(unit_embed_dim=128, hidden_dim=256, intermediate_dim=512, num_layers=4)
 
 
 class ConvNeXtBlock(nn.Module):

@@ -8,6 +8,7 @@ from typing import Any
 from echox.errors import ConfigError
 from echox.models.echo_decoder import EchoDecoderConfig
 from echox.models.echox import EchoXConfig
+from echox.models.istft_vocoder import IstftVocoderConfig
 from echox.models.llm import LLMConfig
 from echox.models.speech_adapter import SpeechAdapterConfig
 from echox.models.speech_encoder import SpeechEncoderConfig
@@ -107,7 +108,7 @@ def preset_tiny(vocab_size: int = 2048, unit_vocab_size: int = 512, num_units: i
         adapter=adapter,
         llm=llm,
         echo_decoder=echo,
-        vocoder=VocoderConfig.tiny().replace(num_units=num_units),
+        vocoder=IstftVocoderConfig(num_units=num_units),
         segmenter=SegmenterConfig(lag=3, max_len=32, min_len=8, threshold=0.1),
         max_answer_tokens=128,
     )

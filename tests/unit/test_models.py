@@ -7,6 +7,7 @@ import torch
 
 from echox.errors import ConfigError
 from echox.models.echox import OFFICIAL_T2C_QUIRK_ID, EchoXConfig, EchoXModel
+from echox.models.istft_vocoder import IstftVocoderConfig
 from echox.models.presets import PRESETS, get_preset
 from echox.models.speech_adapter import (
     LookBack,
@@ -15,6 +16,8 @@ from echox.models.speech_adapter import (
     ctc_greedy_ids,
     ctc_shrink_mask,
 )
+from echox.models.vocoder import VocoderConfig
+from echox.models.vocoders import build_vocoder
 from tests.unit.conftest import micro_config
 
 
@@ -30,6 +33,18 @@ def test_inconsistent_config_is_rejected() -> None:
         config.replace(adapter=config.adapter.replace(hidden_size=64, num_heads=2, lookback_heads=2))
     with pytest.raises(ConfigError, match="unknown keys"):
         EchoXConfig.from_dict({**config.to_dict(), "surprise": 1})
+    with pytest.raises(ConfigError, match="matches none of"):  # neither vocoder's keys
+        EchoXConfig.from_dict({**config.to_dict(), "vocoder": {"num_units": 8, "surprise": 1}})
+
+
+def test_the_vocoder_config_says_which_vocoder_a_model_has() -> None:
+    from echox.models.istft_vocoder import IstftVocoder
+    from echox.models.vocoder import UnitVocoder
+
+    assert isinstance(get_preset("tiny").vocoder, IstftVocoderConfig)
+    assert isinstance(get_preset("3b").vocoder, VocoderConfig)
+    assert isinstance(build_vocoder(get_preset("tiny").vocoder), IstftVocoder)
+    assert isinstance(build_vocoder(VocoderConfig.tiny()), UnitVocoder)
 
 
 @pytest.mark.parametrize(

@@ -41,7 +41,8 @@ from echox.checkpoint import load_part_weights, read_part_config, save_part
 from echox.errors import EchoXError, ModelLoadError
 from echox.models.istft_vocoder import ARCHITECTURE as ISTFT
 from echox.models.istft_vocoder import IstftVocoder, IstftVocoderConfig
-from echox.models.vocoder import UnitVocoder, VocoderConfig
+from echox.models.vocoder import VocoderConfig
+from echox.models.vocoders import AnyVocoder, AnyVocoderConfig, build_vocoder
 from echox.units.codec import expand
 from training.features import FeatureConfig, PitchConfig, UnitExtractor, continuous_log_f0, mel_filterbank, pitch_track
 from training.stage import MetricsLog, StageContext, load_training_state, save_training_state
@@ -50,7 +51,6 @@ PART_NAME = "vocoder"
 CHECKPOINT_DIR = "checkpoint"
 SAMPLES_DIR = "samples"
 HIFIGAN = "hifigan"
-AnyVocoder = UnitVocoder | IstftVocoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,10 +257,6 @@ def vocoder_config(settings: VocoderSettings, num_units: int) -> VocoderConfig |
     return VocoderConfig.from_dict({**VocoderConfig.tiny().to_dict(), **overrides})
 
 
-def build_vocoder(config: VocoderConfig | IstftVocoderConfig) -> AnyVocoder:
-    return IstftVocoder(config) if isinstance(config, IstftVocoderConfig) else UnitVocoder(config)
-
-
 def load_vocoder(folder: Path, name: str = PART_NAME) -> AnyVocoder:
     """A trained vocoder part of either architecture (dispatch on its config's `architecture`)."""
     path = folder / f"{name}.json"
@@ -269,7 +265,7 @@ def load_vocoder(folder: Path, name: str = PART_NAME) -> AnyVocoder:
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelLoadError(f"cannot read {path}: {exc}") from None
     is_istft = isinstance(meta, dict) and meta.get("config", {}).get("architecture") == ISTFT
-    config: VocoderConfig | IstftVocoderConfig
+    config: AnyVocoderConfig
     if is_istft:
         config = read_part_config(folder, name, IstftVocoderConfig)
     else:
