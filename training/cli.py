@@ -8,11 +8,12 @@ from typing import Any
 
 
 def register(sub: Any) -> None:
+    from training.evaluate import register_cli as register_eval
     from training.speak import register_cli as register_speak
     from training.stages.synth import register_cli as register_data
     from training.stages.units import register_cli as register_units
 
-    for add in (register_data, register_units, register_speak):
+    for add in (register_data, register_units, register_speak, register_eval):
         add(sub)
     p = sub.add_parser("train", help="run a training recipe (all or some of its stages)")
     p.add_argument("--recipe", default="tiny", help="recipe name or YAML path (default: tiny)")

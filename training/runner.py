@@ -61,7 +61,8 @@ def run_recipe(
 ) -> dict[str, dict[str, Any]]:
     """Runs `stages` (default: the recipe's) into `out`; finished stages are skipped."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.json").write_text(json.dumps({"recipe": str(recipe.source), "name": recipe.name}, indent=2))
+    written = {"recipe": str(recipe.source), "name": recipe.name, "facts": str(recipe.facts)}
+    (out / "recipe.json").write_text(json.dumps(written, indent=2))
     results: dict[str, dict[str, Any]] = {}
     for stage in stages or recipe.stages:
         ctx = StageContext(

@@ -15,9 +15,11 @@ import echox.cli.main as cli_main
 from echox.checkpoint import EchoX, load_part_weights, save_part
 from echox.errors import ModelLoadError
 from echox.models.echo_decoder import EchoDecoder
+from echox.models.istft_vocoder import IstftVocoder, IstftVocoderConfig
 from echox.models.llm import build_llm
 from echox.models.presets import preset_tiny
-from echox.models.vocoder import UnitVocoder, VocoderConfig
+from echox.models.vocoder import VocoderConfig
+from echox.models.vocoders import AnyVocoderConfig, build_vocoder
 from echox.tokenizer import byte_level_tokenizer
 from echox.units.codec import UnitLanguageCodec
 from training import speak
@@ -27,15 +29,16 @@ from training.stage import DONE_FILE
 NUM_UNITS = 20
 
 
-def make_parts(run: Path) -> None:
-    """Stand-in finished stages lm, t2c, unit_language and vocoder (random weights)."""
+def make_parts(run: Path, vocoder: AnyVocoderConfig | None = None) -> None:
+    """Stand-in finished stages lm, t2c, unit_language and vocoder (random weights; a small
+    HiFi-GAN vocoder unless `vocoder` says otherwise)."""
     tokenizer = byte_level_tokenizer()
     codec = UnitLanguageCodec.train([[1, 2, 3, 1, 2, 3, 4, 5] * 3, [4, 5, 6, 7, 1, 2]], NUM_UNITS, NUM_UNITS + 6)
     config = preset_tiny(tokenizer.vocab_size, codec.vocab_size, NUM_UNITS)
     config = config.replace(
         llm=config.llm.replace(num_layers=1),
         echo_decoder=config.echo_decoder.replace(num_layers=1, max_units_per_input=2.0, min_units=4),
-        vocoder=VocoderConfig.tiny().replace(num_units=NUM_UNITS, upsample_initial_channel=32),
+        vocoder=vocoder or VocoderConfig.tiny().replace(num_units=NUM_UNITS, upsample_initial_channel=32),
     )
     torch.manual_seed(0)
     decoder = EchoDecoder(config.echo_decoder)
@@ -45,7 +48,7 @@ def make_parts(run: Path) -> None:
         "lm": lambda d: (tokenizer.save(d / "tokenizer.json"), save_part(d, "llm", build_llm(config.llm), config.llm)),
         "t2c": lambda d: save_part(d, "echo_decoder", decoder, config.echo_decoder),
         "unit_language": lambda d: codec.save(d / "unit_language.json"),
-        "vocoder": lambda d: save_part(d, "vocoder", UnitVocoder(config.vocoder), config.vocoder),
+        "vocoder": lambda d: save_part(d, "vocoder", build_vocoder(config.vocoder), config.vocoder),
     }
     for stage, write in parts.items():
         (run / stage).mkdir(parents=True)
@@ -143,3 +146,12 @@ def test_cli_errors_are_one_line(
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("echox: error:") and message in err
     assert not (tmp_path / "x.wav").exists()
+
+
+def test_assembled_model_takes_the_istft_vocoder_the_recipe_trains(tmp_path: Path) -> None:
+    small = IstftVocoderConfig(num_units=NUM_UNITS, hidden_dim=32, intermediate_dim=64, num_layers=1)
+    make_parts(tmp_path, vocoder=small)
+    model = EchoX.from_pretrained(assemble_model(tmp_path))
+    assert isinstance(model.model.vocoder, IstftVocoder) and model.config.vocoder == small
+    audio = speak.speak_text(model, "Hello there.")
+    assert audio.dtype == np.float32 and audio.size % small.hop_length == 0
