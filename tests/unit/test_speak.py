@@ -155,3 +155,13 @@ def test_assembled_model_takes_the_istft_vocoder_the_recipe_trains(tmp_path: Pat
     assert isinstance(model.model.vocoder, IstftVocoder) and model.config.vocoder == small
     audio = speak.speak_text(model, "Hello there.")
     assert audio.dtype == np.float32 and audio.size % small.hop_length == 0
+
+
+def test_model_stage_assembles_the_run_into_run_model(tmp_path: Path) -> None:
+    from training.stage import StageContext, run_stage
+    from training.stages import stage_fn
+
+    make_parts(tmp_path)
+    result = run_stage(stage_fn("model"), StageContext(run_dir=tmp_path, stage="model", settings={}))
+    assert result["folder"] == str(tmp_path / "model") and result["megabytes"] > 0
+    assert EchoX.from_pretrained(tmp_path / "model").codec.num_units == NUM_UNITS

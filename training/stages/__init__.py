@@ -6,7 +6,7 @@ import importlib
 
 from training.stage import StageFn
 
-STAGE_ORDER: tuple[str, ...] = ("synth", "lm", "units", "unit_language", "t2c", "vocoder")
+STAGE_ORDER: tuple[str, ...] = ("synth", "lm", "units", "unit_language", "t2c", "vocoder", "model")
 
 
 def stage_fn(name: str) -> StageFn:
