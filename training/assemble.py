@@ -4,9 +4,11 @@
     RUN/t2c/            echo_decoder.safetensors + echo_decoder.json
     RUN/unit_language/  unit_language.json
     RUN/vocoder/        vocoder.safetensors + vocoder.json
+    RUN/asr/            speech_encoder.safetensors + speech_encoder.json (optional)
 
-The speech encoder, adapter, CTC head, LookBack and denoising adapter keep their random init
-until the listening stages train them; the config is the preset with the learned sizes.
+The adapter, CTC head, LookBack and denoising adapter (and the speech encoder without `asr`)
+keep their random init; the listening stages (s2t, echo) start from this model and write their
+own whole model folders. The config is the tiny preset with the learned sizes.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from echox.models.echo_decoder import EchoDecoderConfig
 from echox.models.echox import EchoXConfig, EchoXModel
 from echox.models.llm import LLMConfig
 from echox.models.presets import preset_tiny
+from echox.models.speech_encoder import SpeechEncoderConfig
 from echox.models.vocoders import AnyVocoderConfig
 from echox.tokenizer import ChatFormat, TextTokenizer
 from echox.units.codec import UnitLanguageCodec
@@ -28,6 +31,7 @@ from training.stage import DONE_FILE
 from training.stages.vocoder import load_vocoder
 
 PART_STAGES = ("lm", "t2c", "unit_language", "vocoder")
+ENCODER_STAGE, ENCODER_PART = "asr", "speech_encoder"  # RUN/asr/speech_encoder.{safetensors,json}
 
 
 def _finished(run_dir: Path, stage: str) -> Path:
@@ -48,8 +52,9 @@ def assembled_config(
         raise ModelLoadError(f"the parts do not fit the tiny preset: {exc}") from None
 
 
-def assemble_model(run_dir: Path, out: Path | None = None, seed: int = 0) -> Path:
-    """Writes the EchoX folder (default `RUN/model/`) and returns its path."""
+def assemble_parts(run_dir: Path, seed: int = 0) -> EchoX:
+    """An EchoX built from the finished part stages of a run (in memory, eval mode). The speech
+    encoder comes from the `asr` stage when it has finished, else it keeps its random init."""
     run_dir = Path(run_dir)
     lm, t2c, unit_language, vocoder = (_finished(run_dir, stage) for stage in PART_STAGES)
     chat = ChatFormat()
@@ -61,9 +66,24 @@ def assemble_model(run_dir: Path, out: Path | None = None, seed: int = 0) -> Pat
         load_vocoder(vocoder).config,
         codec,
     ).replace(chat=chat)
+    asr = run_dir / ENCODER_STAGE
+    if (asr / DONE_FILE).is_file():
+        encoder = read_part_config(asr, ENCODER_PART, SpeechEncoderConfig)
+        adapter = config.adapter.replace(encoder_dim=encoder.d_model)
+        try:
+            config = config.replace(encoder=encoder, adapter=adapter)
+        except ConfigError as exc:
+            raise ModelLoadError(f"the speech encoder does not fit the tiny preset: {exc}") from None
     torch.manual_seed(seed)  # the not-yet-trained modules get a reproducible init
     model = EchoXModel(config)
     load_part_weights(lm, "llm", model.llm)
     load_part_weights(t2c, "echo_decoder", model.echo_decoder)
     load_part_weights(vocoder, "vocoder", model.vocoder)
-    return EchoX(model.eval(), tokenizer, codec).save_pretrained(out or run_dir / "model")
+    if (asr / DONE_FILE).is_file():
+        load_part_weights(asr, ENCODER_PART, model.speech_encoder)
+    return EchoX(model.eval(), tokenizer, codec)
+
+
+def assemble_model(run_dir: Path, out: Path | None = None, seed: int = 0) -> Path:
+    """Writes the EchoX folder of `assemble_parts` (default `RUN/model/`) and returns its path."""
+    return assemble_parts(run_dir, seed).save_pretrained(out or Path(run_dir) / "model")

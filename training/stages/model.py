@@ -1,21 +1,37 @@
-"""Stage `model`: the trained parts assembled into one EchoX model folder (`RUN/model/`).
+"""Stage `model`: the run's final EchoX model folder (`RUN/model/`).
 
-What `echox speak`, `echox respond`, `echox eval` and the demo load. Parts not yet trained by
-the recipe's stages keep a reproducible random init (see `training.assemble`).
+The newest whole model a listening stage wrote (`RUN/echo/model`, else `RUN/s2t/model`), or, in
+a run without them, the trained parts assembled (see `training.assemble`). This is the folder
+`echox speak`, `echox respond`, `echox eval` and the demo load.
 """
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any
 
 from training.assemble import assemble_model
-from training.stage import StageContext
+from training.stage import StageContext, is_done
+
+MODEL_STAGES = ("echo", "s2t")  # stages that write a whole model to RUN/<stage>/model, newest first
+MODEL_DIR = "model"
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
     """The `model` stage (no settings)."""
     ctx.reporter.start(ctx.stage, total=1, unit="model")
-    folder = assemble_model(ctx.run_dir, ctx.out, seed=ctx.seed)
+    source = next((stage for stage in MODEL_STAGES if is_done(ctx.run_dir, stage)), None)
+    if source is None:
+        folder = assemble_model(ctx.run_dir, ctx.out, seed=ctx.seed)
+    else:
+        folder = ctx.out
+        for path in (ctx.run_dir / source / MODEL_DIR).iterdir():
+            if path.is_file():
+                shutil.copy2(path, folder / path.name)
     ctx.reporter.advance(1)
-    size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-    return {"folder": str(folder), "megabytes": round(size / 2**20, 2)}
+    return {"from": source or "parts", "folder": str(folder), "megabytes": _megabytes(folder)}
+
+
+def _megabytes(folder: Path) -> float:
+    return round(sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) / 2**20, 2)
