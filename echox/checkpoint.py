@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any, TypeVar
@@ -69,7 +70,9 @@ class EchoX:
         model = EchoXModel(config).eval()
         return cls(model, tokenizer, codec)
 
-    def save_pretrained(self, path: str | Path) -> Path:
+    def save_pretrained(self, path: str | Path, weights_dtype: torch.dtype | None = None) -> Path:
+        """Writes the model folder. `weights_dtype` (e.g. torch.float16) stores the floating-point
+        weights in that type, halving the folder; loading casts them back to the model's own."""
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         meta = {
@@ -79,7 +82,8 @@ class EchoX:
             "model": self.config.to_dict(),
         }
         (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        save_model(self.model, str(folder / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
+        model = self.model if weights_dtype is None else _with_weights_in(self.model, weights_dtype)
+        save_model(model, str(folder / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
         self.tokenizer.save(folder / TOKENIZER_FILE)
         self.codec.save(folder / UNIT_LANGUAGE_FILE)
         return folder
@@ -107,6 +111,16 @@ class EchoX:
             return cls(model.to(device).eval(), tokenizer, codec)
         except ConfigError as exc:
             raise ModelLoadError(f"{folder}: {exc}") from None
+
+
+def _with_weights_in(model: EchoXModel, dtype: torch.dtype) -> EchoXModel:
+    """A copy whose floating-point parameters are `dtype`; buffers (mel filters, windows) keep
+    full precision, and tied parameters stay one tensor (save_model stores them once)."""
+    copied = copy.deepcopy(model)
+    for parameter in copied.parameters():  # each shared parameter once
+        if parameter.is_floating_point():
+            parameter.data = parameter.data.to(dtype)
+    return copied
 
 
 def read_config(folder: Path) -> EchoXConfig:

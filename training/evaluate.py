@@ -1,8 +1,11 @@
-"""`echox eval`: how well a model speaks, judged by an ASR the project did not train.
+"""`echox eval`: how well a model answers and speaks, judged by an ASR the project did not train.
 
-The speaking half (stage II and the vocoder) is measured on the recorded agent answers of a
-training run's corpus (`RUN/synth/answers.jsonl`, one split) and their units (`RUN/units/`):
-the share of answers whose key words the judge (Whisper tiny.en, `training.judge`) hears in
+The whole model is measured on spoken questions it synthesizes itself (training/eval_questions.py:
+S2T and S2S accuracy, clean, in noise and at the extreme speaking rates, against the judge's share
+on reference answers; streaming figures). With `--run`, the speaking half (stage II and the
+vocoder) is also measured on the recorded agent answers of a training run's corpus
+(`RUN/synth/answers.jsonl`, one split) and their units (`RUN/units/`): the share of answers
+whose key words the judge (Whisper tiny.en, `training.judge`) hears in
 
 - `original`: the espeak-ng recording itself (the ceiling the other shares are compared with),
 - `resynth`: the model's vocoder speaking the answer's own deduplicated units, durations
@@ -18,9 +21,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -29,9 +33,16 @@ from echox.errors import EchoXError
 
 if TYPE_CHECKING:  # the model stack loads only when a command runs
     from echox.checkpoint import EchoX
-    from training.judge import Judge
 
 SPEAKING_VERSIONS = ("original", "resynth", "resynth_true_durations", "speak")
+DEFAULT_QUESTIONS = 45  # one per fact, 5 per category: about 3 minutes on two idle CPU cores
+MISSES_SHOWN = 3  # in the table; --json lists them all
+
+
+class Listener(Protocol):
+    """What the evaluation needs of the judge (training.judge.Judge, or a stand-in in tests)."""
+
+    def transcribe(self, audio_16k: npt.NDArray[np.float32]) -> str: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +114,7 @@ def speaking_versions(echox: EchoX, answer: EvalAnswer) -> dict[str, npt.NDArray
 def speaking_report(
     echox: EchoX,
     answers: Sequence[EvalAnswer],
-    judge: Judge,
+    judge: Listener,
     on_each: Callable[[], None] = lambda: None,
     samples_dir: Path | None = None,
 ) -> dict[str, Any]:
@@ -129,47 +140,119 @@ def speaking_report(
 
 
 def register_cli(sub: Any) -> None:
-    p = sub.add_parser("eval", help="judge how well a model speaks a run's held-out answers")
+    p = sub.add_parser("eval", help="evaluate a model on spoken questions: S2T, S2S, streaming figures, robustness")
     p.add_argument("--model", help="model folder (default: the embedded default model)")
-    p.add_argument("--run", required=True, help="training run folder whose synth/ and units/ hold the answers")
-    p.add_argument("--split", default="dev", choices=("dev", "train"))
-    p.add_argument("--limit", type=int, help="judge only the first N answers")
-    p.add_argument("--samples", help="write every rendering the judge heard into this folder")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads of the judge")
+    p.add_argument("--split", default="dev", choices=("dev", "train"), help="voices of the questions (default: dev)")
+    p.add_argument(
+        "--limit", type=int, default=DEFAULT_QUESTIONS, help=f"questions, one per fact (default: {DEFAULT_QUESTIONS})"
+    )
+    p.add_argument("--seed", type=int, default=1234, help="seed of the question draws and the noise (default: 1234)")
+    p.add_argument("--facts", help="fact base folder (default: the run's with --run, else the tiny recipe's)")
+    p.add_argument("--run", help="training run folder: also judge the speaking half on its held-out answers")
+    p.add_argument("--samples", help="write every spoken answer the judge heard into this folder")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads of the model and of the judge (default: 2)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(handler=run_eval)
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    import torch
+
     from echox.checkpoint import EchoX
     from echox.paths import resolve_model_dir
-    from training.judge import Judge, load_facts
-    from training.recipe import load_recipe
+    from training.eval_questions import PipelineTurns, conditions, eval_questions, evaluate_questions
+    from training.judge import Judge
     from training.runner import RichReporter
+    from training.stages.synth import load_fact_base
 
-    run_dir = Path(args.run)
-    facts_dir = _facts_dir(run_dir, load_recipe)
-    answers = load_answers(run_dir, args.split, load_facts(facts_dir))[: args.limit]
-    echox = EchoX.from_pretrained(resolve_model_dir(args.model))
+    if args.limit < 1:
+        raise EchoXError(f"eval: --limit must be at least 1, got {args.limit}")
+    torch.set_num_threads(args.threads)
+    run_dir = Path(args.run) if args.run else None
+    base = load_fact_base(_facts_dir(run_dir, args.facts))
+    questions = eval_questions(base, args.split, args.seed, args.limit)
+    answers = load_answers(run_dir, args.split, {f["id"]: f for f in base.facts}) if run_dir else []
+    model_dir = resolve_model_dir(args.model)
+    echox = EchoX.from_pretrained(model_dir)
     judge = Judge(cpu_threads=args.threads)
+    samples = Path(args.samples) if args.samples else None
+    if samples is not None:
+        samples.mkdir(parents=True, exist_ok=True)
+    spoken = answers[: args.limit]
+    total = len(questions) * (len(conditions(base.voices)) + 1) + len(spoken)
+    started = time.perf_counter()
     with RichReporter() as reporter:
-        reporter.start("eval speaking", total=len(answers), unit="answers")
-        samples = Path(args.samples) if args.samples else None
-        report = speaking_report(echox, answers, judge, lambda: reporter.advance(1), samples)
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    print(f"{len(answers)} {args.split} answers; the judge hears the key words in")
-    for name in SPEAKING_VERSIONS:
-        share, ratio = report["shares"][name], report["vs_original"][name]
-        print(f"  {name:<24} {share:6.3f}   {ratio:6.3f} x original")
+        reporter.start("eval", total=total, unit="turns")
+        tick = lambda: reporter.advance(1)  # noqa: E731 - one callback for every kind of work
+        report = evaluate_questions(
+            PipelineTurns(echox), judge, questions, base.voices, echox.codec, args.seed, tick, samples
+        )
+        if run_dir is not None:
+            report["speaking"] = speaking_report(echox, spoken, judge, tick, samples)
+            report["streaming"]["compression_held_out"] = echox.codec.compression_ratio(a.units for a in answers)
+    report.update(model=str(model_dir), split=args.split, seed=args.seed, run=str(run_dir) if run_dir else None)
+    report["seconds"] = round(time.perf_counter() - started, 1)  # judging included, loading not
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
 
-def _facts_dir(run_dir: Path, load_recipe: Callable[..., Any]) -> Path:
-    """The fact base the run was trained on (named in its recipe.json, or by its recipe)."""
-    from services.common.settings import get_settings
+def format_report(report: Mapping[str, Any]) -> str:
+    """The report as a readable table."""
+    lines = [
+        f"{report['questions']} {report['split']}-voice questions (one per fact, seed {report['seed']}), "
+        f"model {report['model']}, {report['seconds']:.0f} s",
+        f"  {'condition':<20} {'S2T':>6} {'S2S':>6} {'S2S/ref':>8}",
+    ]
+    for figures in report["accuracy"].values():
+        versus = _figure(figures["s2s_vs_reference"], "{:8.3f}")
+        lines.append(f"  {figures['label']:<20} {figures['s2t']:6.3f} {figures['s2s']:6.3f} {versus:>8}")
+    streaming = report["streaming"]
+    lines += [
+        f"  the judge on espeak-ng reference answers (agent voice): {report['reference']:.3f}",
+        f"  tokens before the first segment cut: {_figure(streaming['first_segment_tokens_mean'], '{:.1f}')} (mean)",
+        f"  time to first text:  p50 {_ms(streaming['first_text_ms']['p50'])}, "
+        f"p95 {_ms(streaming['first_text_ms']['p95'])}",
+        f"  time to first audio: p50 {_ms(streaming['first_audio_ms']['p50'])}, "
+        f"p95 {_ms(streaming['first_audio_ms']['p95'])} ({streaming['no_audio']} turns without audio)",
+        f"  real-time factor: {_figure(streaming['real_time_factor'], '{:.3f}')} (compute / speech seconds)",
+        f"  unit compression: {_figure(streaming['compression_generated'], '{:.3f}')} units per token (generated)"
+        + (
+            f", {streaming['compression_held_out']:.3f} (the run's held-out answers)"
+            if "compression_held_out" in streaming
+            else ""
+        ),
+    ]
+    if "speaking" in report:
+        speaking = report["speaking"]
+        lines.append(f"speaking half, {speaking['answers']} recorded {report['split']} answers of {report['run']}:")
+        for name in SPEAKING_VERSIONS:
+            lines.append(
+                f"  {name:<24} {speaking['shares'][name]:6.3f}   {speaking['vs_original'][name]:6.3f} x original"
+            )
+    clean_misses = [m for m in report["misses"] if m["condition"] == "clean"][:MISSES_SHOWN]
+    if clean_misses:
+        lines.append("first clean misses (all in --json): question | heard | answer | the judge heard")
+        lines += [f"  {m['question']} | {m['heard']!r} | {m['text']!r} | {m['judge_heard']!r}" for m in clean_misses]
+    return "\n".join(lines)
 
+
+def _figure(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else spec.format(value)
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f} ms"
+
+
+def _facts_dir(run_dir: Path | None, facts: str | None) -> Path:
+    """The fact base: --facts, else the one the run was trained on, else the tiny recipe's."""
+    from services.common.settings import get_settings
+    from training.recipe import load_recipe
+
+    if facts:
+        return Path(facts)
+    if run_dir is None:
+        return Path(load_recipe("tiny", get_settings().data_root).facts)
     recipe_file = run_dir / "recipe.json"
     if not recipe_file.is_file():
         raise EchoXError(f"eval: {run_dir} is not a training run (no recipe.json)")

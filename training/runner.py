@@ -77,5 +77,7 @@ def run_recipe(
         if reporter is not None:
             ctx.reporter = reporter
         results[stage] = run_stage(stage_fn(stage), ctx)
-    (out / "report.json").write_text(json.dumps(results, indent=2) + "\n")
+    report = out / "report.json"  # earlier invocations' stages stay in the report
+    merged = json.loads(report.read_text()) if report.is_file() else {}
+    report.write_text(json.dumps({**merged, **results}, indent=2) + "\n")
     return results

@@ -68,3 +68,18 @@ def test_weights_of_another_size_are_refused(tmp_path: Path, micro_model_dir: Pa
     (folder / CONFIG_FILE).write_text(json.dumps(meta))
     with pytest.raises(ModelLoadError):
         EchoX.from_pretrained(folder)
+
+
+def test_half_precision_storage_halves_the_folder_and_loads_back(micro_echox: EchoX, tmp_path: Path) -> None:
+    full = micro_echox.save_pretrained(tmp_path / "full")
+    half = micro_echox.save_pretrained(tmp_path / "half", weights_dtype=torch.float16)
+    full_bytes, half_bytes = ((f / WEIGHTS_FILE).stat().st_size for f in (full, half))
+    assert half_bytes < 0.6 * full_bytes
+    loaded = EchoX.from_pretrained(half)
+    original = micro_echox.model.state_dict()
+    for name, tensor in loaded.model.state_dict().items():
+        assert tensor.dtype == original[name].dtype, name  # cast back to the model's own type
+        torch.testing.assert_close(tensor, original[name], atol=2e-3, rtol=2e-3)
+    head, table = loaded.model.llm.get_output_embeddings().weight, loaded.model.input_table()
+    assert head.data_ptr() == table.data_ptr()  # still tied
+    assert micro_echox.model.input_table().dtype == torch.float32  # the saved model is untouched

@@ -87,3 +87,49 @@ def test_help_lists_the_subcommands() -> None:
     assert proc.returncode == 0
     for command in ("model", "respond", "bench", "demo"):
         assert command in proc.stdout
+
+
+def _demo_lines(capsys: pytest.CaptureFixture[str]) -> list[str]:
+    return capsys.readouterr().out.splitlines()
+
+
+def test_demo_speaks_a_dev_voice_question_and_prints_what_it_heard_said_and_took(
+    micro_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "demo" / "answer.wav"
+    assert main(["demo", "--model", str(micro_model_dir), "--out", str(out)]) == 0
+    lines = _demo_lines(capsys)
+    question = tmp_path / "demo" / "demo-question.wav"
+    assert lines[0] == f"model: {micro_model_dir}"
+    assert lines[1] == f"question (en-us+m5): 'What is the capital of France?' → {question}"
+    assert lines[2].startswith("heard:  ") and lines[3].startswith("answer: ")
+    assert lines[4].startswith("timings: first text ") and lines[4].endswith(f"of speech → {out}")
+    assert lines[5].startswith("real-time factor: ")
+    for wav in (question, out):
+        info = sf.info(str(wav))
+        assert info.samplerate == 16_000 and info.channels == 1
+    assert sf.info(str(question)).duration > 1.0  # espeak-ng spoke the whole question
+
+
+def test_demo_answers_a_given_recording(
+    micro_model_dir: Path, question_wav: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "answer.wav"
+    assert main(["demo", "--model", str(micro_model_dir), "--question", str(question_wav), "--out", str(out)]) == 0
+    lines = _demo_lines(capsys)
+    assert lines[1] == f"question: {question_wav}" and out.is_file()
+    assert not (tmp_path / "demo-question.wav").exists()
+
+
+def test_demo_without_a_default_model_runs_a_random_init_one_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import echox.models.presets
+    from echox.cli import demo_cmd
+    from tests.unit.conftest import micro_config
+
+    monkeypatch.setattr(demo_cmd, "default_model_dir", lambda: None)
+    monkeypatch.setattr(echox.models.presets, "preset_tiny", micro_config)  # the tiny preset, shrunk for speed
+    assert main(["demo", "--out", str(tmp_path / "answer.wav")]) == 0
+    lines = _demo_lines(capsys)
+    assert lines[0] == demo_cmd.RANDOM_MODEL_NOTE and (tmp_path / "answer.wav").is_file()

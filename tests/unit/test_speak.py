@@ -44,8 +44,12 @@ def make_parts(run: Path, vocoder: AnyVocoderConfig | None = None) -> None:
     decoder = EchoDecoder(config.echo_decoder)
     with torch.no_grad():
         decoder.lm_head.weight[tokenizer.eos_id] = 0.0  # never stop early: every segment speaks
+    def write_lm(folder: Path) -> None:
+        tokenizer.save(folder / "tokenizer.json")
+        save_part(folder, "llm", build_llm(config.llm), config.llm)
+
     parts: dict[str, Callable[[Path], Any]] = {
-        "lm": lambda d: (tokenizer.save(d / "tokenizer.json"), save_part(d, "llm", build_llm(config.llm), config.llm)),
+        "lm": write_lm,
         "t2c": lambda d: save_part(d, "echo_decoder", decoder, config.echo_decoder),
         "unit_language": lambda d: codec.save(d / "unit_language.json"),
         "vocoder": lambda d: save_part(d, "vocoder", build_vocoder(config.vocoder), config.vocoder),
@@ -76,7 +80,8 @@ def model(model_dir: Path) -> EchoX:
 def test_assembled_model_carries_the_parts(run_dir: Path, model_dir: Path, model: EchoX) -> None:
     assert model_dir == run_dir / "model"
     assert model.codec.vocab_size == model.config.echo_decoder.unit_vocab_size == NUM_UNITS + 6
-    assert model.config.vocoder.upsample_initial_channel == 32  # read from vocoder.json, not the preset
+    vocoder = model.config.vocoder
+    assert isinstance(vocoder, VocoderConfig) and vocoder.upsample_initial_channel == 32  # from vocoder.json
     assert model.config.encoder == preset_tiny().encoder
     decoder = EchoDecoder(model.config.echo_decoder)
     load_part_weights(run_dir / "t2c", "echo_decoder", decoder)
