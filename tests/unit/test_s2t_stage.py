@@ -182,6 +182,18 @@ def test_smoke_run_trains_the_listening_modules_and_writes_a_model(
     assert (run_dir / "s2t" / "loss.png").is_file()
 
 
+def test_token_table_stays_frozen_and_lora_merges_into_a_plain_llm(run_dir: Path) -> None:
+    settings = {**SMOKE, "lora_rank": 4, "lora_alpha": 8}
+    run_stage(s2t.run, context(run_dir, settings))
+    trained, start = EchoX.from_pretrained(run_dir / "s2t" / "model"), assemble_parts(run_dir, seed=3)
+    # The folder holds a plain LLM (no peft keys) whose projections moved and whose table did not.
+    assert torch.equal(trained.model.input_table(), start.model.input_table())
+    before = dict(start.model.llm.named_parameters())
+    moved = {n for n, p in trained.model.llm.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all("proj" in n for n in moved), sorted(moved)
+    assert not any("norm" in n for n in moved)  # LoRA touches the target projections only
+
+
 def test_cancel_then_resume_continues_from_the_checkpoint(run_dir: Path) -> None:
     cancel = threading.Event()
     settings = {**SMOKE, "checkpoint_every": 2}

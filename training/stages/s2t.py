@@ -2,8 +2,8 @@
 
 It starts from the run's assembled parts (`training.assemble.assemble_parts`: the `lm` stage's
 LLM and tokenizer, the `asr` stage's speech encoder when that stage finished, else a random one)
-and trains the speech adapter, the CTC head, LookBack and the whole LLM (full fine-tuning; the
-tiny preset has no LoRA) with
+and trains the speech adapter, the CTC head, LookBack and the LLM (full fine-tuning for tiny;
+`lora_rank` > 0 trains peft LoRA adapters instead, merged into the weights at the end) with
 
     loss = CE(answer tokens) + ctc_weight · CTC(CTC-head logits, transcript tokens; blank = <audio_patch>)
 
@@ -79,6 +79,10 @@ class S2TSettings:
     llm_lr: float = 3e-4  # the pretrained LLM
     llm_frozen_share: float = 0.0  # share of training (by progress) before the LLM starts learning
     freeze_embeddings: bool = True  # the LLM's (tied) token table stays as the T2C learned to read it
+    lora_rank: int = 0  # > 0: LoRA (peft) on the LLM instead of full fine-tuning (the large presets)
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     ctc_head_from_embeddings: bool = True  # start the CTC head as the token table (see init_ctc_head)
     min_lr_ratio: float = 0.05
     warmup: int = 50
@@ -108,7 +112,10 @@ class S2TSettings:
         unknown = sorted(set(values) - names)
         if unknown:
             raise ConfigError(f"settings.s2t: unknown keys {unknown}; known: {sorted(names)}")
-        settings = cls(**dict(values))
+        values = dict(values)
+        if "lora_targets" in values:
+            values["lora_targets"] = tuple(values["lora_targets"])
+        settings = cls(**values)
         AugmentSettings.from_mapping(settings.augment)  # fails early on a bad augment mapping
         return settings
 
@@ -285,6 +292,34 @@ def init_ctc_head(model: EchoXModel) -> None:
         model.ctc_head.weight.copy_(model.input_table())
 
 
+def add_lora(model: EchoXModel, settings: S2TSettings) -> None:
+    """Wraps the LLM in peft LoRA adapters (only they learn); `merge_lora` folds them back."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+        target_modules=list(settings.lora_targets), bias="none",
+    )
+    model.llm = get_peft_model(model.llm, config)
+
+
+def merge_lora(model: EchoXModel) -> None:
+    """The LoRA deltas merged into the LLM's weights: the model folder holds a plain LLM."""
+    from peft import PeftModel
+
+    if isinstance(model.llm, PeftModel):
+        model.llm = model.llm.merge_and_unload()
+
+
+def set_llm_trainable(model: EchoXModel, settings: S2TSettings, on: bool) -> None:
+    """The LLM learns (its LoRA adapters only, with `lora_rank`) or stays frozen; the token
+    table stays frozen with `freeze_embeddings`."""
+    for name, parameter in model.llm.named_parameters():
+        parameter.requires_grad_(on and (settings.lora_rank == 0 or "lora_" in name))
+    if settings.freeze_embeddings:
+        model.llm.get_input_embeddings().requires_grad_(False)
+
+
 def trained_modules(model: EchoXModel) -> nn.ModuleDict:
     """The modules this stage trains, as one module (what the checkpoint holds)."""
     return nn.ModuleDict({name: getattr(model, name) for name in TRAINED_MODULES})
@@ -292,9 +327,11 @@ def trained_modules(model: EchoXModel) -> nn.ModuleDict:
 
 def make_optimizer(model: EchoXModel, settings: S2TSettings) -> torch.optim.Optimizer:
     new = [p for name in NEW_MODULES for p in getattr(model, name).parameters()]
+    set_llm_trainable(model, settings, True)  # the parameters that ever learn
+    llm = [p for p in model.llm.parameters() if p.requires_grad]
     groups = [
         {"params": new, "lr": settings.lr, "peak_lr": settings.lr},
-        {"params": list(model.llm.parameters()), "lr": settings.llm_lr, "peak_lr": settings.llm_lr},
+        {"params": llm, "lr": settings.llm_lr, "peak_lr": settings.llm_lr},
     ]
     return torch.optim.AdamW(groups, betas=(0.9, 0.98), weight_decay=settings.weight_decay)
 
@@ -340,9 +377,7 @@ def train_steps(
         factor = lr_factor(settings, step, progress)
         for group in optimizer.param_groups:
             group["lr"] = group["peak_lr"] * factor
-        model.llm.requires_grad_(progress >= settings.llm_frozen_share)
-        if settings.freeze_embeddings:
-            model.llm.get_input_embeddings().requires_grad_(False)
+        set_llm_trainable(model, settings, progress >= settings.llm_frozen_share)
         batch = collate([train[i] for i in batch_indices(len(train), settings.batch_size, ctx.seed, step)])
         loss, figures = s2t_loss(model, batch, patch_id, settings.ctc_weight)
         optimizer.zero_grad(set_to_none=True)
@@ -395,6 +430,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     patch_id = tokenizer.audio_patch_id
     if settings.ctc_head_from_embeddings:
         init_ctc_head(model)  # a resumed run loads its trained head over this
+    if settings.lora_rank > 0:
+        add_lora(model, settings)
     facts = {fact.id: fact for fact in load_facts(ctx.facts)}
     synth = ctx.input("synth")
     train_clips = load_spoken_questions(synth, facts, "train")
@@ -417,6 +454,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     encoder = "asr" if (ctx.run_dir / ENCODER_STAGE / DONE_FILE).is_file() else "random"
     ctx.reporter.log(f"s2t: {len(train)} train renditions ({encoder} speech encoder), {len(dev)} dev monitor clips")
     trained = train_steps(ctx, settings, model, train, dev, patch_id)
+    merge_lora(model)
     model.eval()
     echox.save_pretrained(ctx.out / MODEL_DIR)
     evaluation = s2t_accuracy(echox, sample_clips(dev_clips, settings.dev_clips, ctx.seed))
