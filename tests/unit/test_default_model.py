@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from echox.audio import write_wav
+from echox.audio import read_wav, write_wav
 from echox.espeak import speak
 from echox.paths import DEFAULT_MODEL_DIR
-from training.judge import has_key_words
+from training.judge import Judge, has_key_words
 
 ECHOX = str(Path(sys.executable).with_name("echox"))  # the console script of this environment
 
@@ -48,3 +48,14 @@ def test_respond_answers_a_dev_voice_question(tmp_path: Path, question: str, voi
     result = json.loads(done.stdout)
     assert has_key_words(result["text"], key), f"heard {result['transcript']!r}, answered {result['text']!r}"
     assert result["audio_seconds"] > 0.5
+
+
+def test_the_demo_answer_is_heard_correctly_by_the_judge(tmp_path: Path) -> None:
+    """What `make demo` runs: the default question in a dev voice; the judge (Whisper tiny.en,
+    which the project did not train) must hear the key word in the answer WAV."""
+    out = tmp_path / "demo-answer.wav"
+    done = subprocess.run([ECHOX, "demo", "--out", str(out)], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "answer: " in done.stdout and "first audio" in done.stdout
+    heard = Judge().transcribe(read_wav(out))
+    assert has_key_words(heard, ("Paris",)), f"the judge heard {heard!r}"
