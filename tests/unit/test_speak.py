@@ -170,3 +170,25 @@ def test_model_stage_assembles_the_run_into_run_model(tmp_path: Path) -> None:
     result = run_stage(stage_fn("model"), StageContext(run_dir=tmp_path, stage="model", settings={}))
     assert result["folder"] == str(tmp_path / "model") and result["megabytes"] > 0
     assert EchoX.from_pretrained(tmp_path / "model").codec.num_units == NUM_UNITS
+
+
+def test_model_stage_stores_float16_weights_and_refuses_unknown_settings(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from echox.errors import ConfigError
+    from training.stage import StageContext, run_stage
+    from training.stages import stage_fn
+
+    def model_stage(settings: dict[str, Any]) -> dict[str, Any]:
+        return run_stage(stage_fn("model"), StageContext(run_dir=tmp_path, stage="model", settings=settings))
+
+    make_parts(tmp_path)
+    with pytest.raises(ConfigError, match="weights_dtype"):
+        model_stage({"weights_dtype": "int3"})
+    assert model_stage({"weights_dtype": "float16"})["weights_dtype"] == "float16"
+    with safe_open(str(tmp_path / "model" / "model.safetensors"), "pt") as stored:
+        names = stored.keys()  # a safe_open handle is not iterable
+        dtypes = {stored.get_slice(name).get_dtype() for name in names}
+    assert "F16" in dtypes
+    loaded = EchoX.from_pretrained(tmp_path / "model")
+    assert loaded.model.input_table().dtype == torch.float32
