@@ -17,6 +17,7 @@ import soxr
 
 from echox.audio import SAMPLE_RATE
 from echox.errors import ConfigError
+from training.stage import settings_kwargs
 
 FloatArray = npt.NDArray[np.float32]
 PEAK_LIMIT = 0.99  # augmented clips are scaled down (not clipped) to stay below this peak
@@ -47,11 +48,7 @@ class AugmentSettings:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> AugmentSettings:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ConfigError(f"augment: unknown keys {unknown}; known: {sorted(names)}")
-        kwargs = dict(values)
+        kwargs = settings_kwargs(cls, values, "augment")
         for name in ("snr_db", "gain_db", "speed"):
             if name in kwargs:
                 low, high = kwargs[name]

@@ -17,12 +17,24 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from echox.errors import ConfigError
+
 if TYPE_CHECKING:  # torch loads when a stage trains, not when the CLI starts
     import torch
 
 DONE_FILE = "DONE"
 METRICS_FILE = "metrics.json"
 LOSS_PLOT = "loss.png"
+
+
+def settings_kwargs(cls: type, values: Mapping[str, Any], label: str) -> dict[str, Any]:
+    """`values` as keyword arguments of the settings dataclass `cls`; a key that names none of
+    its fields is a ConfigError listing the known ones (`label` says whose settings they are)."""
+    names = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{label}: unknown keys {unknown}; known: {sorted(names)}")
+    return dict(values)
 
 
 class Reporter(Protocol):

@@ -51,7 +51,7 @@ from echox.models.speech_adapter import ctc_greedy_ids
 from echox.models.speech_encoder import SAMPLES_PER_STATE, SpeechEncoder, SpeechEncoderConfig
 from echox.tokenizer import ChatFormat, TextTokenizer
 from training.augment import AugmentSettings, augment
-from training.stage import MetricsLog, StageContext, load_training_state, save_training_state
+from training.stage import MetricsLog, StageContext, load_training_state, save_training_state, settings_kwargs
 from training.stages.lm import epoch_batches
 
 PART_NAME = "speech_encoder"
@@ -94,11 +94,7 @@ class ASRSettings:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> ASRSettings:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ConfigError(f"settings.asr: unknown keys {unknown}; known: {sorted(names)}")
-        settings = cls(**dict(values))
+        settings = cls(**settings_kwargs(cls, values, "settings.asr"))
         if settings.ctc_units not in CTC_UNITS:
             raise ConfigError(f"settings.asr: ctc_units must be one of {CTC_UNITS}, got {settings.ctc_units!r}")
         AugmentSettings.from_mapping(settings.augment)  # fail now, not at the first batch

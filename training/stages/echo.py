@@ -83,7 +83,7 @@ from training.listen_data import (
     plan_renditions,
     sample_clips,
 )
-from training.stage import MetricsLog, StageContext, load_training_state, save_training_state
+from training.stage import MetricsLog, StageContext, load_training_state, save_training_state, settings_kwargs
 from training.stages.s2t import SpokenForward, answer_ce, forward_spoken
 from training.stages.t2c import IGNORE_INDEX, PIECES_FILE, _allowed_argmax, build_sequence, load_text_side
 from training.text_data import Fact, load_facts
@@ -138,11 +138,7 @@ class EchoSettings:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> EchoSettings:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ConfigError(f"settings.echo: unknown keys {unknown}; known: {sorted(names)}")
-        settings = cls(**dict(values))
+        settings = cls(**settings_kwargs(cls, values, "settings.echo"))
         AugmentSettings.from_mapping(settings.augment)  # fails early on a bad augment mapping
         return settings
 

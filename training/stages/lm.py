@@ -30,7 +30,7 @@ from echox.models.llm import LLMConfig, build_llm
 from echox.models.presets import get_preset
 from echox.tokenizer import ChatFormat, TextTokenizer, Turn
 from training.judge import has_key_words
-from training.stage import MetricsLog, StageContext, load_training_state, save_training_state
+from training.stage import MetricsLog, StageContext, load_training_state, save_training_state, settings_kwargs
 from training.text_data import (
     IGNORE_INDEX,
     ChatExample,
@@ -77,11 +77,7 @@ class LMSettings:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> LMSettings:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ConfigError(f"settings.lm: unknown keys {unknown}; known: {sorted(names)}")
-        return cls(**dict(values))
+        return cls(**settings_kwargs(cls, values, "settings.lm"))
 
 
 def round_up(value: int, multiple: int) -> int:

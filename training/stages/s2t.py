@@ -59,7 +59,14 @@ from training.listen_data import (
     plan_renditions,
     sample_clips,
 )
-from training.stage import DONE_FILE, MetricsLog, StageContext, load_training_state, save_training_state
+from training.stage import (
+    DONE_FILE,
+    MetricsLog,
+    StageContext,
+    load_training_state,
+    save_training_state,
+    settings_kwargs,
+)
 from training.text_data import IGNORE_INDEX, load_facts
 
 CHECKPOINT_DIR = "checkpoint"
@@ -108,14 +115,10 @@ class S2TSettings:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> S2TSettings:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ConfigError(f"settings.s2t: unknown keys {unknown}; known: {sorted(names)}")
-        values = dict(values)
-        if "lora_targets" in values:
-            values["lora_targets"] = tuple(values["lora_targets"])
-        settings = cls(**values)
+        kwargs = settings_kwargs(cls, values, "settings.s2t")
+        if "lora_targets" in kwargs:
+            kwargs["lora_targets"] = tuple(kwargs["lora_targets"])
+        settings = cls(**kwargs)
         AugmentSettings.from_mapping(settings.augment)  # fails early on a bad augment mapping
         return settings
 
