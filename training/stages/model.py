@@ -8,7 +8,6 @@ a run without them, the trained parts assembled (see `training.assemble`). This 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import torch
 
 from echox.checkpoint import EchoX
 from echox.errors import ConfigError
-from training.assemble import assemble_model
+from training.assemble import assemble_parts
 from training.stage import StageContext, is_done
 
 MODEL_STAGES = ("echo", "s2t")  # stages that write a whole model to RUN/<stage>/model, newest first
@@ -33,15 +32,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
         raise ConfigError(f"settings.model: only weights_dtype ({known}) is known; got {ctx.settings}")
     ctx.reporter.start(ctx.stage, total=1, unit="model")
     source = next((stage for stage in MODEL_STAGES if is_done(ctx.run_dir, stage)), None)
-    if source is None:
-        folder = assemble_model(ctx.run_dir, ctx.out, seed=ctx.seed)
-    else:
-        folder = ctx.out
-        for path in (ctx.run_dir / source / MODEL_DIR).iterdir():
-            if path.is_file():
-                shutil.copy2(path, folder / path.name)
-    if WEIGHT_DTYPES[dtype_name] is not None:
-        EchoX.from_pretrained(folder).save_pretrained(folder, weights_dtype=WEIGHT_DTYPES[dtype_name])
+    # Loaded (or assembled) and written once, in the storage type asked for.
+    echox = EchoX.from_pretrained(ctx.run_dir / source / MODEL_DIR) if source else assemble_parts(ctx.run_dir, ctx.seed)
+    folder = echox.save_pretrained(ctx.out, weights_dtype=WEIGHT_DTYPES[dtype_name])
     ctx.reporter.advance(1)
     return {
         "from": source or "parts", "folder": str(folder), "weights_dtype": dtype_name, "megabytes": _megabytes(folder)
