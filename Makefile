@@ -10,13 +10,20 @@ export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: install demo test lint typecheck clean
 
-install: $(STAMP)
+PROTO_STAMP := services/proto/__init__.py
 
-$(STAMP): pyproject.toml scripts/install-apt.sh
+install: $(STAMP) $(PROTO_STAMP)
+
+# the gRPC and protobuf stubs are generated from protos/, never committed
+$(PROTO_STAMP): $(STAMP) $(wildcard protos/echox/v1/*.proto) services/common/protogen.py
+	$(PY) -m services.common.protogen
+
+$(STAMP): pyproject.toml scripts/install-apt.sh scripts/install-triton.sh
 	bash scripts/install-apt.sh $(APT_PACKAGES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev,training]"
+	$(PY) -m pip install -q -e ".[dev,training,serving]"
+	bash scripts/install-triton.sh $(VENV)
 	touch $(STAMP)
 
 demo: install

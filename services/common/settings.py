@@ -21,6 +21,32 @@ class Settings(BaseSettings):
     celery_result_url: str | None = None  # defaults to redis_url
     stage_time_limit_s: int = 3600
 
+    # Serving: the bus and conversation state ("memory://" in embedded mode), models, workers.
+    bus_url: str | None = None  # defaults to redis_url
+    bus_prefix: str = "echox:"  # every stream and key the services write starts with this
+    stream_maxlen: int = 10_000  # every bus stream is capped near this many entries (MAXLEN ~)
+    session_ttl_s: float = 3600.0  # a conversation's state expires this long after its last turn
+    session_max_turns: int = 50  # turns of history kept per conversation
+    redis_socket_timeout_s: float = 5.0  # a Redis call that gets no answer fails (BusError) after this
+    model_dir: Path | None = None  # defaults to the embedded default model
+    backend: str = "local"  # "local" (in-process torch) or "triton"
+    triton_url: str = "127.0.0.1:8001"  # Triton's gRPC address, for backend=triton
+    worker_concurrency: int = 1  # turns or segments one worker serves at once
+    reclaim_idle_ms: int = 3000  # a message pending this long belongs to a dead worker
+    max_deliveries: int = 3  # a message handed out more often is dead-lettered (poison)
+    turn_deadline_s: float = 60.0  # every turn ends by then, with an error event if need be
+    max_turn_audio_s: float = 30.0  # longest caller turn accepted
+    hidden_dtype: str = "float16"  # hidden states on the wire: float16, bfloat16 or float32
+    metrics_port: int | None = None  # Prometheus /metrics of this process, when set
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    log_level: str = "INFO"
+    log_json: bool = True  # one JSON object per line, with session_id and turn_id
+
+    @property
+    def bus(self) -> str:
+        return self.bus_url or self.redis_url
+
     @property
     def broker_url(self) -> str:
         return self.celery_broker_url or self.redis_url

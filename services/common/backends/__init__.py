@@ -1,0 +1,1 @@
+"""Model backends per stage: `local` (in-process torch) and `triton` (tritonclient gRPC)."""
