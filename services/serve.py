@@ -23,10 +23,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from services.common.bus import make_bus
 from services.common.settings import REPO_ROOT, Settings
-from services.common.stack import STAGES, Models, make_worker, stop_on_signals
-from services.common.state import make_session_store
+from services.common.stack import STAGES, Models, make_worker, open_bus, open_sessions, stop_on_signals
 from services.common.worker import CancelWatch
 from services.gateway.converse import start_grpc_server
 from services.gateway.session import ConversationEdge
@@ -169,12 +167,12 @@ async def wait_for_workers(settings: Settings, stages: tuple[str, ...] = STAGES,
 async def serve_embedded(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
     """Everything in one process: in-memory bus and state, local backends, the gRPC API."""
     settings = settings.model_copy(update={"backend": "local", "bus_url": "memory://"})
-    bus = make_bus("memory://", settings.bus_prefix)
-    sessions = make_session_store("memory://", settings.bus_prefix)
+    bus = open_bus(settings, "memory://")
+    sessions = open_sessions(settings, "memory://")
     models = Models.load(settings.model_dir, "local")
     cancels = CancelWatch(bus)
     workers = [make_worker(stage, bus, sessions, settings, models, cancels, f"{stage}-embedded") for stage in STAGES]
-    edge = ConversationEdge(bus, sessions, deadline_s=settings.turn_deadline_s)
+    edge = ConversationEdge.from_settings(bus, sessions, settings)
     server, port = await start_grpc_server(edge, settings.grpc_host, settings.grpc_port, settings.max_turn_audio_s)
     tasks = [asyncio.create_task(w.run(stop)) for w in workers] + [asyncio.create_task(cancels.run(stop))]
     print(f"echox serve --embedded: Converse on grpc://{settings.grpc_host}:{port} (Ctrl-C stops)", flush=True)
@@ -185,6 +183,7 @@ async def serve_embedded(settings: Settings, stop: asyncio.Event, ready: asyncio
     finally:
         await server.stop(grace=2.0)
         await asyncio.gather(*tasks, return_exceptions=True)
+        await sessions.close()
         await bus.close()
 
 
@@ -195,9 +194,9 @@ async def serve_distributed(cluster: LocalCluster, workers_per_stage: int, stop:
         for _ in range(workers_per_stage):
             cluster.start_worker(stage)
     await wait_for_workers(settings)
-    bus = make_bus(settings.bus, settings.bus_prefix)
-    sessions = make_session_store(settings.bus, settings.bus_prefix)
-    edge = ConversationEdge(bus, sessions, deadline_s=settings.turn_deadline_s)
+    bus = open_bus(settings)
+    sessions = open_sessions(settings)
+    edge = ConversationEdge.from_settings(bus, sessions, settings)
     server, port = await start_grpc_server(edge, settings.grpc_host, settings.grpc_port, settings.max_turn_audio_s)
     print(f"echox serve: Converse on grpc://{settings.grpc_host}:{port}; {workers_per_stage} worker(s) per stage, "
           f"backend {settings.backend}; logs in {cluster.log_dir} (Ctrl-C stops)", flush=True)
@@ -205,6 +204,7 @@ async def serve_distributed(cluster: LocalCluster, workers_per_stage: int, stop:
         await stop.wait()
     finally:
         await server.stop(grace=2.0)
+        await sessions.close()
         await bus.close()
 
 

@@ -42,6 +42,16 @@ class Models:
         return cls(folder, read_config(folder))
 
 
+def open_bus(settings: Settings, url: str | None = None) -> Bus:
+    """The bus (and below, the session store) that settings name, with their limits."""
+    return make_bus(url or settings.bus, settings.bus_prefix, settings.stream_maxlen, settings.redis_socket_timeout_s)
+
+
+def open_sessions(settings: Settings, url: str | None = None) -> SessionStore:
+    return make_session_store(url or settings.bus, settings.bus_prefix, settings.session_ttl_s,
+                              settings.session_max_turns)
+
+
 def make_backend(stage: str, settings: Settings, models: Models) -> Any:
     """The model backend of one stage, as settings.backend says."""
     if settings.backend == "local":
@@ -53,9 +63,12 @@ def make_backend(stage: str, settings: Settings, models: Models) -> Any:
     if settings.backend == "triton":
         from services.common.backends import triton
 
-        kinds = {"speech_llm": triton.TritonSpeechLLM, "unit_generator": triton.TritonUnits,
-                 "vocoder": triton.TritonVocoder}
-        return kinds[stage](settings.triton_url)
+        deadline = settings.turn_deadline_s
+        if stage == "speech_llm":
+            window = models.config.encoder.window_seconds
+            return triton.TritonSpeechLLM(settings.triton_url, timeout_s=deadline, max_audio_seconds=window)
+        kinds = {"unit_generator": triton.TritonUnits, "vocoder": triton.TritonVocoder}
+        return kinds[stage](settings.triton_url, timeout_s=deadline)
     raise ValueError(f"unknown backend {settings.backend!r} (local or triton)")
 
 
@@ -94,8 +107,8 @@ async def run_worker_process(stage: str, settings: Settings) -> None:
     setup_logging(settings.log_level, settings.log_json)
     serve_metrics(settings.metrics_port)
     models = Models.load(settings.model_dir, settings.backend)
-    bus = make_bus(settings.bus, settings.bus_prefix)
-    sessions = make_session_store(settings.bus, settings.bus_prefix)
+    bus = open_bus(settings)
+    sessions = open_sessions(settings)
     worker = make_worker(stage, bus, sessions, settings, models)
     stop = asyncio.Event()
     stop_on_signals(stop)
@@ -104,6 +117,7 @@ async def run_worker_process(stage: str, settings: Settings) -> None:
         await worker.run(stop)
     finally:
         await worker.backend.close()  # type: ignore[attr-defined]
+        await sessions.close()
         await bus.close()
         log(logger, logging.INFO, "worker stopped", stage=stage, consumer=worker.consumer)
 

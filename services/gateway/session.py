@@ -24,6 +24,7 @@ from services.common import messages
 from services.common.bus import Bus, BusError
 from services.common.logs import log
 from services.common.metrics import TIME_TO_FIRST_AUDIO, TURNS
+from services.common.settings import Settings
 from services.common.state import SessionStore
 from services.proto import stages_pb2 as pb
 
@@ -49,12 +50,19 @@ class ConversationEdge:
     """Opens conversations and runs their turns over the bus."""
 
     def __init__(self, bus: Bus, sessions: SessionStore, *, deadline_s: float = 60.0, transport: str = "grpc",
-                 poll_ms: int = 200) -> None:
+                 poll_ms: int = 200, stream_ttl_s: float = 3600.0) -> None:
         self.bus = bus
         self.sessions = sessions
         self.deadline_s = deadline_s
         self.transport = transport
         self.poll_ms = poll_ms
+        self.stream_ttl_s = stream_ttl_s  # the session's output streams outlive its last turn this long
+
+    @classmethod
+    def from_settings(cls, bus: Bus, sessions: SessionStore, settings: Settings, transport: str = "grpc"
+                      ) -> ConversationEdge:
+        return cls(bus, sessions, deadline_s=settings.turn_deadline_s, transport=transport,
+                   stream_ttl_s=settings.session_ttl_s)
 
     async def open(self, session_id: str | None = None) -> str:
         """A new conversation, or an existing one to continue (UnknownSession if it is not)."""
@@ -248,9 +256,11 @@ class TurnRun:
             summary.heard = summary.text
         outcome = "cancelled" if summary.cancelled else "error" if summary.error is not None else "ok"
         TURNS.labels(outcome).inc()
-        if summary.transcript and (summary.heard or summary.error is None):
-            with contextlib.suppress(Exception):  # the turn's outcome stands even if history can't be saved
+        with contextlib.suppress(Exception):  # the turn's outcome stands even if the bookkeeping fails
+            if summary.transcript and (summary.heard or summary.error is None):
                 await self.edge.sessions.append(self.session_id, Turn(summary.transcript, summary.heard))
+            for stream in self._cursors:
+                await self.edge.bus.expire(stream, self.edge.stream_ttl_s)
 
     def _closing_events(self) -> list[pb.TurnEvent]:
         """What the stages could not say: the edge's own error (deadline, bus), or the end of

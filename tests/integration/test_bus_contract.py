@@ -286,3 +286,13 @@ async def test_ping_and_close_wakes_blocked_readers(bus: Bus) -> None:
         results = await asyncio.gather(*blocked, return_exceptions=True)
     for result in results:  # ended early: empty, or a BusError for a closed connection
         assert result == [] or isinstance(result, BusError), result
+
+
+async def test_expire_deletes_a_stream_later_unless_renewed(bus: Bus) -> None:
+    await bus.publish("session-out", b"a")
+    await bus.expire("session-out", 60.0)
+    assert await bus.last_id("session-out") != "0", "not deleted before its time"
+    await bus.expire("session-out", 0.001)
+    await asyncio.sleep(0.05)
+    await bus.publish("other", b"x")  # any later operation sees it gone
+    assert await bus.last_id("session-out") == "0"

@@ -22,9 +22,8 @@ import redis
 
 from echox.espeak import speak
 from services.common import messages
-from services.common.bus import make_bus
 from services.common.settings import get_settings
-from services.common.state import make_session_store
+from services.common.stack import open_bus, open_sessions
 from services.gateway.client import ConverseClient, TurnResult
 from services.gateway.converse import start_grpc_server
 from services.gateway.session import ConversationEdge
@@ -75,12 +74,12 @@ def cluster(
 @pytest.fixture
 async def target(cluster: LocalCluster) -> AsyncIterator[str]:
     settings = cluster.settings
-    bus = make_bus(settings.bus, settings.bus_prefix)
-    sessions = make_session_store(settings.bus, settings.bus_prefix)
-    edge = ConversationEdge(bus, sessions, deadline_s=settings.turn_deadline_s)
+    bus, sessions = open_bus(settings), open_sessions(settings)
+    edge = ConversationEdge.from_settings(bus, sessions, settings)
     server, port = await start_grpc_server(edge, "127.0.0.1", 0)
     yield f"127.0.0.1:{port}"
     await server.stop(grace=1.0)
+    await sessions.close()
     await bus.close()
 
 

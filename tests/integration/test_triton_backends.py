@@ -8,6 +8,8 @@ A missing server binary is a failure, never a skip.
 from __future__ import annotations
 
 import asyncio
+import re
+import socket
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -33,7 +35,7 @@ from echox.streaming.stages import (
 from echox.tokenizer import Turn
 from services.common.backends.base import BackendError
 from services.common.backends.triton import TritonSpeechLLM, TritonUnits, TritonVocoder
-from services.common.triton_server import INSTALL_HINT, TritonServer, TritonServerError, free_port, triton_home
+from services.common.triton_server import INSTALL_HINT, TritonServer, TritonServerError, triton_home
 
 pytestmark = pytest.mark.integration
 
@@ -183,12 +185,14 @@ async def test_a_cancel_reaches_the_model_and_it_stops_decoding(server: TritonSe
 async def test_an_unreachable_server_and_a_missed_deadline_are_backend_errors(
     server: TritonServer, question: FloatArray
 ) -> None:
-    nowhere = f"127.0.0.1:{free_port()}"
-    llm, vocoder = TritonSpeechLLM(nowhere, timeout_s=5.0), TritonVocoder(nowhere, timeout_s=5.0)
-    with pytest.raises(BackendError, match=f"speech_llm.*{nowhere}"):
-        await collect(llm, question)
-    with pytest.raises(BackendError, match=f"vocoder.*{nowhere}"):
-        await vocoder.synthesize(UnitSegment(0, (), (1, 2, 3)))
+    with socket.socket() as holder:  # bound, never listening: refused, and no one else takes it
+        holder.bind(("127.0.0.1", 0))
+        nowhere = f"127.0.0.1:{holder.getsockname()[1]}"
+        llm, vocoder = TritonSpeechLLM(nowhere, timeout_s=5.0), TritonVocoder(nowhere, timeout_s=5.0)
+        with pytest.raises(BackendError, match=rf"speech_llm.*{re.escape(nowhere)}.*UNAVAILABLE"):
+            await collect(llm, question)
+        with pytest.raises(BackendError, match=rf"vocoder.*{re.escape(nowhere)}.*UNAVAILABLE"):
+            await vocoder.synthesize(UnitSegment(0, (), (1, 2, 3)))
     hasty, patient = TritonSpeechLLM(server.grpc_url, timeout_s=0.001), TritonSpeechLLM(server.grpc_url)
     with pytest.raises(BackendError, match="DEADLINE_EXCEEDED"):
         await collect(hasty, question)

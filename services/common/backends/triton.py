@@ -49,7 +49,8 @@ def _ints(result: InferResult, name: str) -> tuple[int, ...]:
 
 def _message(exc: BaseException) -> str:
     if isinstance(exc, InferenceServerException):
-        return str(exc.message() or exc)
+        status = exc.status()  # e.g. "StatusCode.UNAVAILABLE"; None for a model's own error
+        return f"{str(status).removeprefix('StatusCode.')}: {exc.message()}" if status else str(exc.message() or exc)
     if isinstance(exc, grpc.aio.AioRpcError):
         return f"{exc.code().name}: {exc.details()}"
     return f"{type(exc).__name__}: {exc}"

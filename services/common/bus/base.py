@@ -78,6 +78,11 @@ class Bus(Protocol):
 
     async def delete(self, stream: str) -> None: ...
 
+    async def expire(self, stream: str, ttl_s: float) -> None:
+        """Deletes the stream `ttl_s` from now unless called again (per-session streams of
+        conversations nobody continues must not pile up)."""
+        ...
+
     async def ping(self) -> None:
         """Raises BusError when the bus cannot be reached."""
         ...

@@ -77,6 +77,7 @@ class MemoryBus:
         self._signals: dict[str, _Signal] = {}  # set (and dropped) by the next publish
         self._last: _Id = (0, 0)
         self._closed = False
+        self._expiry: dict[str, float] = {}  # stream → time.monotonic() deadline
 
     def _next_id(self) -> _Id:
         # Bus-wide and strictly increasing, even if the wall clock steps back.
@@ -85,6 +86,7 @@ class MemoryBus:
         return self._last
 
     async def publish(self, stream: str, payload: bytes) -> str:
+        self._drop_expired()
         s = self._streams.setdefault(stream, _Stream())
         entry_id = self._next_id()
         text = _format_id(entry_id)
@@ -201,6 +203,18 @@ class MemoryBus:
 
     async def delete(self, stream: str) -> None:
         self._streams.pop(stream, None)
+        self._expiry.pop(stream, None)
+
+    async def expire(self, stream: str, ttl_s: float) -> None:
+        if stream in self._streams:
+            self._expiry[stream] = time.monotonic() + ttl_s
+        self._drop_expired()
+
+    def _drop_expired(self) -> None:
+        now = time.monotonic()
+        for stream in [s for s, deadline in self._expiry.items() if deadline <= now]:
+            self._streams.pop(stream, None)
+            del self._expiry[stream]
 
     async def ping(self) -> None:
         return None

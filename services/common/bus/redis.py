@@ -227,6 +227,9 @@ class RedisBus:
     async def delete(self, stream: str) -> None:
         await call("DEL", self._where, self._client.delete(self._key(stream)))
 
+    async def expire(self, stream: str, ttl_s: float) -> None:
+        await call("PEXPIRE", self._where, self._client.pexpire(self._key(stream), max(1, int(ttl_s * 1000))))
+
     async def ping(self) -> None:
         await call("PING", self._where, self._client.ping())
 
