@@ -46,11 +46,15 @@ def questions_audio() -> list[FloatArray]:
 
 
 def in_process_ttfa(model_dir: Path, audios: list[FloatArray], turns: int) -> list[float]:
-    """Time to first audio of the embedded StreamingResponder, one turn at a time."""
+    """Time to first audio of the embedded StreamingResponder, one turn at a time, on one torch
+    thread as each distributed stage has."""
+    import torch
+
     from echox.checkpoint import EchoX
     from echox.events import DoneEvent
     from echox.streaming.responder import StreamingResponder
 
+    torch.set_num_threads(1)
     responder = StreamingResponder(EchoX.from_pretrained(model_dir))
     for _warm_up in responder.respond(audios[0]):
         pass

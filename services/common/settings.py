@@ -40,6 +40,20 @@ class Settings(BaseSettings):
     metrics_port: int | None = None  # Prometheus /metrics of this process, when set
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 50051
+    # The edge and control plane (HTTP: browser page, API, WebSocket transports; LiveKit).
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    api_key: str | None = None  # the first admin key (stored hashed); more are made through the API
+    token_secret: str | None = None  # signs session tokens; shared by every API/gateway replica
+    session_token_ttl_s: float = 900.0
+    livekit_url: str = "ws://127.0.0.1:7880"
+    livekit_api_key: str = "devkey"
+    livekit_api_secret: str = "secret"
+    max_request_bytes: int = 10 * 1024 * 1024  # request size limit of the HTTP API
+    rate_limit_per_minute: int = 600  # requests per API key per minute
+    vad_threshold: float = 0.5  # speech probability above which the caller is talking
+    vad_end_of_turn_ms: int = 600  # silence that ends the caller's turn
+    vad_barge_in_ms: int = 200  # speech over the agent this long interrupts it
     log_level: str = "INFO"
     log_json: bool = True  # one JSON object per line, with session_id and turn_id
 

@@ -239,7 +239,12 @@ class StageWorker(abc.ABC, Generic[M]):
         finally:
             self.cancels.release(header.turn_id)
             STAGE_LATENCY.labels(self.stage).observe(time.perf_counter() - started)
-        return "cancelled" if cancel.is_set() else "ok"
+        outcome = "cancelled" if cancel.is_set() else "ok"
+        # A line per turn at INFO (speech_llm), per segment at DEBUG (the later stages).
+        level = logging.INFO if self.input_stream == messages.TURNS else logging.DEBUG
+        log(logger, level, "served", stage=self.stage, outcome=outcome,
+            ms=round((time.perf_counter() - started) * 1000, 1))
+        return outcome
 
     async def _reject(self, delivery: Delivery, exc: messages.MessageError) -> str:
         """A message we cannot parse: an error event if we know its turn, else dead-letter."""

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 from echox.tokenizer import Turn
 from services.common import messages
 from services.common.bus import Bus, BusError
-from services.common.logs import log
+from services.common.logs import log, turn_context
 from services.common.metrics import TIME_TO_FIRST_AUDIO, TURNS
 from services.common.settings import Settings
 from services.common.state import SessionStore
@@ -256,6 +256,10 @@ class TurnRun:
             summary.heard = summary.text
         outcome = "cancelled" if summary.cancelled else "error" if summary.error is not None else "ok"
         TURNS.labels(outcome).inc()
+        with turn_context(self.session_id, self.turn_id, self.header.trace.traceparent):
+            log(logger, logging.INFO, "turn finished", outcome=outcome, first_text_ms=summary.first_text_ms,
+                first_audio_ms=summary.first_audio_ms, total_ms=round(summary.total_ms, 1),
+                segments_played=summary.played_segments, error=summary.error.code if summary.error else None)
         with contextlib.suppress(Exception):  # the turn's outcome stands even if the bookkeeping fails
             if summary.transcript and (summary.heard or summary.error is None):
                 await self.edge.sessions.append(self.session_id, Turn(summary.transcript, summary.heard))
