@@ -59,7 +59,7 @@ def _interrupt(process: subprocess.Popen[bytes], log: Path) -> None:
         os.killpg(process.pid, signal.SIGKILL)
         pytest.fail(f"did not stop on Ctrl-C:\n{log.read_text()[-3000:]}")
     assert code == 0, log.read_text()[-3000:]
-    gone, alive = psutil.wait_procs(children, timeout=20)
+    _gone, alive = psutil.wait_procs(children, timeout=20)
     assert not alive, f"left running: {[p.pid for p in alive]}"
 
 
