@@ -96,14 +96,16 @@ def _run(make: Any, payload: bytes, outputs: tuple[str, ...]) -> None:
 @FUZZ
 @given(payload=_any_payload(turn_requests()))
 def test_speech_llm_worker_survives_anything(micro_echox: EchoX, payload: bytes) -> None:
-    _run(lambda bus, sessions: SpeechLLMWorker(bus, LocalSpeechLLM(micro_echox), sessions), payload, (messages.SEGMENTS,))
+    backend = LocalSpeechLLM(micro_echox)
+    _run(lambda bus, sessions: SpeechLLMWorker(bus, backend, sessions), payload, (messages.SEGMENTS,))
 
 
 @FUZZ
 @given(payload=_any_payload(hidden_segments()))
 def test_unit_generator_worker_survives_anything(micro_echox: EchoX, payload: bytes) -> None:
     width = micro_echox.config.llm.hidden_size
-    _run(lambda bus, _: UnitGeneratorWorker(bus, LocalUnits(micro_echox), hidden_size=width), payload, (messages.UNITS,))
+    backend = LocalUnits(micro_echox)
+    _run(lambda bus, _: UnitGeneratorWorker(bus, backend, hidden_size=width), payload, (messages.UNITS,))
 
 
 @FUZZ
