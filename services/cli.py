@@ -17,6 +17,8 @@ def register(sub: Any) -> None:
     p.add_argument("--embedded", action="store_true", help="one process: in-memory bus, local models, no Redis/Triton")
     p.add_argument("--model", help="model folder (default: the embedded default model)")
     p.add_argument("--grpc-port", type=int, help="Converse API port (default: ECHOX_GRPC_PORT or 50051)")
+    p.add_argument("--http-port", type=int,
+                   help="the page, WebSocket transports and API (default: ECHOX_HTTP_PORT or 8080; 0: a free port)")
     p.add_argument("--workers", type=int, default=1, help="worker processes per stage (default: 1)")
     p.add_argument("--backend", choices=("triton", "local"), default="triton",
                    help="where the distributed workers run the models (default: triton)")
@@ -36,8 +38,10 @@ def register(sub: Any) -> None:
     bench = _subcommands(sub.choices["bench"])
     if bench is not None:
         from services.bench import register as register_bench
+        from services.gateway.bench_ws import register as register_bench_ws
 
         register_bench(bench)
+        register_bench_ws(bench)
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> Any:
@@ -58,6 +62,8 @@ def run_serve_cmd(args: argparse.Namespace) -> int:
         update["model_dir"] = Path(args.model)
     if args.grpc_port is not None:
         update["grpc_port"] = args.grpc_port
+    if args.http_port is not None:
+        update["http_port"] = args.http_port
     return run_serve(settings.model_copy(update=update), args.embedded, args.workers, args.backend, Path(args.log_dir))
 
 

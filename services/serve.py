@@ -164,9 +164,75 @@ async def wait_for_workers(settings: Settings, stages: tuple[str, ...] = STAGES,
         await client.aclose()
 
 
+class _HostedUvicorn:
+    """uvicorn serving in this event loop; the host process keeps its own signal handling."""
+
+    def __init__(self, app: Any, settings: Settings) -> None:
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            def capture_signals(self) -> contextlib.nullcontext[None]:  # type: ignore[override]
+                return contextlib.nullcontext()
+
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5,
+                                ws_max_size=1024 * 1024)
+        self.server = Server(config)
+        self.socket = socket.socket(socket.AF_INET6 if ":" in settings.http_host else socket.AF_INET)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind((settings.http_host, settings.http_port))  # port 0: a free one
+        self.port = int(self.socket.getsockname()[1])
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self, timeout_s: float = 30.0) -> None:
+        self.task = asyncio.create_task(self.server.serve(sockets=[self.socket]))
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if self.task.done() or time.monotonic() > deadline:
+                self.socket.close()
+                if self.task.done():
+                    self.task.result()  # its own error says most
+                raise RuntimeError(f"the HTTP server did not start on port {self.port}")
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self.task is not None:
+            await asyncio.wait_for(self.task, timeout=15)
+        self.socket.close()
+
+
+async def start_http(settings: Settings, edge: ConversationEdge, sessions: Any) -> _HostedUvicorn:
+    """The HTTP side: the browser page and WebSocket transports, inside the control plane's app
+    when services.api.app.create_app exists, else in a bare FastAPI app."""
+    import importlib.util
+
+    from fastapi import FastAPI
+
+    from services.gateway.web import build_web_router
+
+    router = build_web_router(edge, settings)
+    if importlib.util.find_spec("services.api.app") is not None:
+        from services.api import app as api_app
+
+        if hasattr(api_app, "create_app"):
+            server = _HostedUvicorn(api_app.create_app(settings, sessions=sessions, routers=[router]), settings)
+            await server.start()
+            return server
+    app = FastAPI(title="EchoX Voice")
+    app.include_router(router)
+    server = _HostedUvicorn(app, settings)
+    await server.start()
+    return server
+
+
 async def serve_embedded(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
-    """Everything in one process: in-memory bus and state, local backends, the gRPC API."""
-    settings = settings.model_copy(update={"backend": "local", "bus_url": "memory://"})
+    """Everything in one process: in-memory bus and state, local backends, the gRPC API, and the
+    HTTP side (page, WebSocket transports) on settings.http_host:http_port."""
+    from services.common.tokens import new_secret
+
+    # One secret for everything in this process that mints or checks session tokens.
+    settings = settings.model_copy(update={"backend": "local", "bus_url": "memory://",
+                                           "token_secret": settings.token_secret or new_secret()})
     bus = open_bus(settings, "memory://")
     sessions = open_sessions(settings, "memory://")
     models = Models.load(settings.model_dir, "local")
@@ -175,12 +241,19 @@ async def serve_embedded(settings: Settings, stop: asyncio.Event, ready: asyncio
     edge = ConversationEdge.from_settings(bus, sessions, settings)
     server, port = await start_grpc_server(edge, settings.grpc_host, settings.grpc_port, settings.max_turn_audio_s)
     tasks = [asyncio.create_task(w.run(stop)) for w in workers] + [asyncio.create_task(cancels.run(stop))]
-    print(f"echox serve --embedded: Converse on grpc://{settings.grpc_host}:{port} (Ctrl-C stops)", flush=True)
-    if ready is not None:
-        ready.set()
+    web_edge = ConversationEdge.from_settings(bus, sessions, settings, "websocket")
+    http = None
     try:
+        http = await start_http(settings, web_edge, sessions)
+        print(f"echox serve --embedded: the page on http://{settings.http_host}:{http.port}/", flush=True)
+        print(f"echox serve --embedded: Converse on grpc://{settings.grpc_host}:{port} (Ctrl-C stops)", flush=True)
+        if ready is not None:
+            ready.set()
         await stop.wait()
     finally:
+        stop.set()  # also when the HTTP side failed to start: the workers end with it
+        if http is not None:
+            await http.stop()
         await server.stop(grace=2.0)
         await asyncio.gather(*tasks, return_exceptions=True)
         await sessions.close()

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
-import torch
 from google.protobuf.message import DecodeError, Message
 
 from echox.audio import FloatArray, to_pcm16
 from services.proto import stages_pb2 as pb
+
+if TYPE_CHECKING:  # torch loads only in processes that handle hidden states
+    import torch
 
 SCHEMA_VERSION = 1
 
@@ -43,7 +45,13 @@ class MessageError(Exception):
 
 M = TypeVar("M", bound=Message)
 
-_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _torch_dtype(name: str) -> torch.dtype | None:
+    import torch
+
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(name)
 
 
 def now_ms() -> int:
@@ -103,16 +111,21 @@ def expired(header: pb.Header) -> bool:
 
 
 def tensor_to_proto(tensor: torch.Tensor, dtype: str = "float16") -> pb.Tensor:
-    if dtype not in _TORCH_DTYPES:
-        raise ValueError(f"unsupported tensor dtype {dtype!r} (one of {sorted(_TORCH_DTYPES)})")
-    data = tensor.detach().to("cpu", _TORCH_DTYPES[dtype]).contiguous()
+    import torch
+
+    torch_dtype = _torch_dtype(dtype)
+    if torch_dtype is None:
+        raise ValueError(f"unsupported tensor dtype {dtype!r} (one of {', '.join(_DTYPES)})")
+    data = tensor.detach().to("cpu", torch_dtype).contiguous()
     raw = data.view(torch.int16) if dtype != "float32" else data.view(torch.int32)
     return pb.Tensor(shape=list(data.shape), dtype=dtype, data=raw.numpy().tobytes())
 
 
 def tensor_from_proto(message: pb.Tensor) -> torch.Tensor:
     """Raises MessageError when dtype, shape and byte count disagree."""
-    dtype = _TORCH_DTYPES.get(message.dtype)
+    import torch
+
+    dtype = _torch_dtype(message.dtype)
     if dtype is None:
         raise MessageError("malformed", f"unsupported tensor dtype {message.dtype!r}")
     shape = tuple(message.shape)

@@ -25,10 +25,17 @@ ERRORS = Counter("echox_errors_total", "Error events published, by stage and cod
 TURNS = Counter("echox_turns_total", "Turns finished at the edge, by outcome", ["outcome"])
 ACTIVE_SESSIONS = Gauge("echox_active_sessions", "Conversations open at this edge")
 IN_FLIGHT = Gauge("echox_in_flight", "Messages a stage is working on now", ["stage"])
+API_REQUESTS = Counter(
+    "echox_api_requests_total", "HTTP API requests, by route template and status", ["method", "route", "status"],
+)
+API_LATENCY = Histogram(
+    "echox_api_request_seconds", "Time the HTTP API took to answer", ["method", "route"], buckets=_LATENCY_BUCKETS,
+)
 
 METRIC_NAMES = (
     "echox_queue_lag_seconds", "echox_stage_latency_seconds", "echox_time_to_first_audio_seconds",
     "echox_messages_total", "echox_errors_total", "echox_turns_total", "echox_active_sessions", "echox_in_flight",
+    "echox_api_requests_total", "echox_api_request_seconds",
 )
 
 

@@ -46,14 +46,26 @@ class Settings(BaseSettings):
     api_key: str | None = None  # the first admin key (stored hashed); more are made through the API
     token_secret: str | None = None  # signs session tokens; shared by every API/gateway replica
     session_token_ttl_s: float = 900.0
+    livekit_enabled: bool = True  # the gateway process joins LiveKit rooms (echox serve: --livekit)
     livekit_url: str = "ws://127.0.0.1:7880"
     livekit_api_key: str = "devkey"
     livekit_api_secret: str = "secret"
     max_request_bytes: int = 10 * 1024 * 1024  # request size limit of the HTTP API
     rate_limit_per_minute: int = 600  # requests per API key per minute
+    public_url: str | None = None  # the address callers reach the HTTP side at (behind a proxy); default: the request's
+    api_metrics_public: bool = False  # /metrics on the HTTP port without a key: only where that port is internal
+    celery_queue: str | None = None  # the Celery queue training jobs go to (None: Celery's default queue)
+    job_kill_after_s: float = 10.0  # a cancelled stage still running this long after SIGTERM gets SIGKILL
+    triton_model_repository: Path = REPO_ROOT / "deploy" / "triton" / "model_repository"  # models publish here
+    triton_http_url: str | None = None  # Triton's HTTP address (http://host:8000): published versions load there
     vad_threshold: float = 0.5  # speech probability above which the caller is talking
     vad_end_of_turn_ms: int = 600  # silence that ends the caller's turn
     vad_barge_in_ms: int = 200  # speech over the agent this long interrupts it
+    vad_model: str = "silero"  # the WebSocket transports' VAD: "silero" (ONNX, offline) or "energy" (tests)
+    # The browser page at / may create its own session (POST /web/session, no API key): right for
+    # `echox serve --embedded` and demos. Production turns it off (ECHOX_PUBLIC_PAGE=false) and
+    # hands out session tokens through the API; /ws and /twilio always need a session token.
+    public_page: bool = True
     log_level: str = "INFO"
     log_json: bool = True  # one JSON object per line, with session_id and turn_id
 

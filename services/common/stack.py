@@ -8,18 +8,20 @@ import contextlib
 import dataclasses
 import logging
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from echox.checkpoint import EchoX, read_config
-from echox.models.echox import EchoXConfig
-from echox.paths import resolve_model_dir
 from services.common.bus import Bus, make_bus
 from services.common.logs import log, setup_logging
 from services.common.metrics import serve_metrics
 from services.common.settings import Settings
 from services.common.state import SessionStore, make_session_store
 from services.common.worker import CancelWatch, StageWorker
+
+if TYPE_CHECKING:  # torch loads only where a model does (the API process needs none)
+    from echox.checkpoint import EchoX
+    from echox.models.echox import EchoXConfig
 
 STAGES = ("speech_llm", "unit_generator", "vocoder")
 logger = logging.getLogger("echox.stack")
@@ -35,6 +37,9 @@ class Models:
 
     @classmethod
     def load(cls, model_dir: Path | str | None, backend: str) -> Models:
+        from echox.checkpoint import EchoX, read_config
+        from echox.paths import resolve_model_dir
+
         folder = resolve_model_dir(str(model_dir) if model_dir else None)
         if backend == "local":
             echox = EchoX.from_pretrained(folder)
@@ -93,6 +98,38 @@ def make_worker(stage: str, bus: Bus, sessions: SessionStore, settings: Settings
 
         return VocoderWorker(bus, backend, num_units=models.config.vocoder.num_units, **common)
     raise ValueError(f"unknown stage {stage!r} (one of {', '.join(STAGES)})")
+
+
+@dataclasses.dataclass
+class DataPlane:
+    """The three stages running in this process on the in-memory bus (embedded mode)."""
+
+    bus: Bus
+    sessions: SessionStore
+    settings: Settings
+    tasks: list[asyncio.Task[None]]
+
+
+@contextlib.asynccontextmanager
+async def embedded_data_plane(settings: Settings, models: Models | None = None) -> AsyncIterator[DataPlane]:
+    """Starts one worker per stage (local backends) on a fresh in-memory bus and state; stops
+    them on exit. An edge (services.gateway) on `bus` and `sessions` serves calls."""
+    settings = settings.model_copy(update={"backend": "local", "bus_url": "memory://"})
+    models = models or Models.load(settings.model_dir, "local")
+    bus, sessions = open_bus(settings), open_sessions(settings)
+    stop = asyncio.Event()
+    cancels = CancelWatch(bus)
+    workers = [make_worker(stage, bus, sessions, settings, models, cancels, f"{stage}-embedded") for stage in STAGES]
+    tasks = [asyncio.create_task(w.run(stop)) for w in workers] + [asyncio.create_task(cancels.run(stop))]
+    try:
+        yield DataPlane(bus, sessions, settings, tasks)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for worker in workers:
+            await worker.backend.close()  # type: ignore[attr-defined]
+        await sessions.close()
+        await bus.close()
 
 
 def stop_on_signals(stop: asyncio.Event) -> None:

@@ -2,48 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from celery.result import AsyncResult
 
-from training.celery_app import app, submit_job
+from training.celery_app import submit_job
 from training.stage import DONE_FILE
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def worker_queue(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real `celery worker` (prefork) consuming a queue of its own."""
-    queue = f"echox-test-{uuid.uuid4().hex[:8]}"
-    name = f"{queue}@{socket.gethostname()}"
-    log = (tmp_path_factory.mktemp("celery") / "worker.log").open("w")
-    env = {**os.environ, "ECHOX_REDIS_URL": redis_url}
-    cmd = [sys.executable, "-m", "celery", "-A", "training.celery_app", "worker", "--pool", "prefork",
-           "--concurrency", "1", "-Q", queue, "-n", name, "--loglevel", "INFO",
-           "--without-gossip", "--without-mingle", "--without-heartbeat"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while not app.control.ping(destination=[name], timeout=1.0):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the celery worker did not come up; see {log.name}")
-        yield queue
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def _recipe(tmp_path: Path, limit: int, renditions: int) -> str:

@@ -195,3 +195,42 @@ async def test_redis_restarted_mid_call(cluster: LocalCluster, target: str, ques
     _assert_complete_once(healed)
     alive = {stage: [p.pid for p in procs if p.poll() is None] for stage, procs in cluster.workers.items()}
     assert alive == pids_before, "no worker was restarted"
+
+
+def test_the_gateway_process_serves_converse_and_http(cluster: LocalCluster, question: np.ndarray,
+                                                      tmp_path: Path) -> None:
+    """`python -m services.gateway` as deployed: gRPC Converse, /healthz and /metrics on HTTP,
+    and the LiveKit worker on (no LiveKit server answers here: the other transports go on)."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    grpc_port, http_port = free_port(), free_port()
+    env = {**cluster.worker_env(), "ECHOX_GRPC_PORT": str(grpc_port), "ECHOX_HTTP_PORT": str(http_port),
+           "ECHOX_LIVEKIT_ENABLED": "true", "ECHOX_LIVEKIT_URL": f"ws://127.0.0.1:{free_port()}"}
+    log = tmp_path / "gateway.log"
+    with open(log, "wb") as out:
+        gateway = subprocess.Popen([sys.executable, "-m", "services.gateway"], env=env, stdout=out,
+                                   stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                health = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz", timeout=2).read()
+                break
+            except OSError:
+                assert gateway.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.3)
+        assert b"ok" in health
+
+        async def converse() -> TurnResult:
+            async with ConverseClient(f"127.0.0.1:{grpc_port}") as client:
+                return await client.turn(question)
+
+        _assert_complete_once(asyncio.run(converse()))
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5).read().decode()
+        assert 'echox_time_to_first_audio_seconds_count{transport="grpc"} 1.0' in metrics
+        assert urllib.request.urlopen(f"http://127.0.0.1:{http_port}/", timeout=5).status == 200  # the page
+    finally:
+        gateway.send_signal(signal.SIGTERM)
+        assert gateway.wait(timeout=30) == 0, log.read_text()[-3000:]
