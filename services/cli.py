@@ -19,6 +19,9 @@ def register(sub: Any) -> None:
     p.add_argument("--grpc-port", type=int, help="Converse API port (default: ECHOX_GRPC_PORT or 50051)")
     p.add_argument("--http-port", type=int,
                    help="the page, WebSocket transports and API (default: ECHOX_HTTP_PORT or 8080; 0: a free port)")
+    p.add_argument("--api-key", help="the first admin API key (default: ECHOX_API_KEY)")
+    p.add_argument("--livekit", action="store_true",
+                   help="also join LiveKit rooms (ECHOX_LIVEKIT_URL, _API_KEY, _API_SECRET); distributed only")
     p.add_argument("--workers", type=int, default=1, help="worker processes per stage (default: 1)")
     p.add_argument("--backend", choices=("triton", "local"), default="triton",
                    help="where the distributed workers run the models (default: triton)")
@@ -64,6 +67,9 @@ def run_serve_cmd(args: argparse.Namespace) -> int:
         update["grpc_port"] = args.grpc_port
     if args.http_port is not None:
         update["http_port"] = args.http_port
+    if args.api_key:
+        update["api_key"] = args.api_key
+    update["livekit_enabled"] = bool(args.livekit)
     return run_serve(settings.model_copy(update=update), args.embedded, args.workers, args.backend, Path(args.log_dir))
 
 

@@ -261,8 +261,11 @@ async def serve_embedded(settings: Settings, stop: asyncio.Event, ready: asyncio
 
 
 async def serve_distributed(cluster: LocalCluster, workers_per_stage: int, stop: asyncio.Event) -> None:
-    """Workers run as processes; this process runs the Converse API over Redis."""
-    settings = cluster.settings
+    """Workers run as processes; this process is the edge and the control plane over Redis:
+    Converse, the page, WebSocket transports and API on HTTP, and LiveKit rooms if enabled."""
+    from services.common.tokens import new_secret
+
+    settings = cluster.settings.model_copy(update={"token_secret": cluster.settings.token_secret or new_secret()})
     for stage in STAGES:
         for _ in range(workers_per_stage):
             cluster.start_worker(stage)
@@ -271,11 +274,23 @@ async def serve_distributed(cluster: LocalCluster, workers_per_stage: int, stop:
     sessions = open_sessions(settings)
     edge = ConversationEdge.from_settings(bus, sessions, settings)
     server, port = await start_grpc_server(edge, settings.grpc_host, settings.grpc_port, settings.max_turn_audio_s)
+    http = await start_http(settings, ConversationEdge.from_settings(bus, sessions, settings, "websocket"), sessions)
+    agent_server, livekit = None, None
+    if settings.livekit_enabled:
+        from services.gateway.livekit_agent import build_agent_server
+
+        agent_server = build_agent_server(settings)
+        livekit = asyncio.create_task(agent_server.run())
+    print(f"echox serve: the page and API on http://{settings.http_host}:{http.port}/", flush=True)
     print(f"echox serve: Converse on grpc://{settings.grpc_host}:{port}; {workers_per_stage} worker(s) per stage, "
           f"backend {settings.backend}; logs in {cluster.log_dir} (Ctrl-C stops)", flush=True)
     try:
         await stop.wait()
     finally:
+        if agent_server is not None and livekit is not None:
+            await agent_server.aclose()
+            livekit.cancel()
+        await http.stop()
         await server.stop(grace=2.0)
         await sessions.close()
         await bus.close()

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,11 +106,18 @@ def test_distributed_serve_with_triton_and_workers(question_wav: Path, tmp_path:
     port = free_port()
     log = tmp_path / "serve.log"
     env = {"ECHOX_BUS_PREFIX": f"echox-e2e-{uuid.uuid4().hex[:8]}:"}
-    process = _start(["serve", "--grpc-port", str(port), "--log-dir", str(tmp_path / "logs")], log, env)
+    http_port = free_port()
+    process = _start(["serve", "--grpc-port", str(port), "--http-port", str(http_port), "--api-key", "admin-e2e",
+                      "--log-dir", str(tmp_path / "logs")], log, env)
     try:
         _wait_for(log, "Converse on grpc://", process)
         result = _call(question_wav, port, tmp_path / "a.wav")
         assert "paris" in str(result["text"]).lower()
+        base = f"http://127.0.0.1:{http_port}"
+        assert urllib.request.urlopen(f"{base}/healthz", timeout=5).status == 200
+        assert urllib.request.urlopen(f"{base}/", timeout=5).status == 200  # the page
+        keyed = urllib.request.Request(f"{base}/v1/models", headers={"Authorization": "Bearer admin-e2e"})
+        assert urllib.request.urlopen(keyed, timeout=10).status == 200  # the API, with --api-key
     finally:
         _interrupt(process, log)
 
