@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-APT_PACKAGES := espeak-ng sox
+APT_PACKAGES := espeak-ng sox docker-compose
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
@@ -31,12 +31,12 @@ demo: install
 
 test: install
 	bash scripts/ensure-redis.sh
-	$(VENV)/bin/ruff check echox services training tests
+	$(VENV)/bin/ruff check echox services training tests deploy
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -m "not gpu" tests
 
 lint:
-	$(VENV)/bin/ruff check echox services training tests
+	$(VENV)/bin/ruff check echox services training tests deploy
 
 typecheck:
 	$(VENV)/bin/mypy

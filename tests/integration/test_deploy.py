@@ -136,7 +136,9 @@ def test_compose_config_validates(compose_bin: str, sandbox: Path, profile: str)
 
 def test_compose_refuses_to_start_without_secrets(compose_bin: str, sandbox: Path, tmp_path: Path) -> None:
     shutil.copy2(sandbox / "docker-compose.yml", tmp_path)
-    result = run([compose_bin, "-f", "docker-compose.yml", "config", "-q"], cwd=tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ECHOX_", "LIVEKIT_", "GRAFANA_", "COMPOSE_"))}
+    result = subprocess.run([compose_bin, "-f", "docker-compose.yml", "config", "-q"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode != 0 and "in .env" in result.stderr, result.stderr
     raw = (REPO_ROOT / "docker-compose.yml").read_text()
     for line in raw.splitlines():  # every secret comes from .env, none has a default
@@ -178,7 +180,7 @@ def test_compose_services_ports_and_health(compose: dict[str, Any]) -> None:
 
 def test_k8s_manifests_validate_strict() -> None:
     need_tool("kubernetes-validate", [sys.executable, "-m", "pip", "install", "-q", "kubernetes-validate"])
-    result = run(["kubernetes-validate", "--strict", "--no-warn", "-k", K8S_VERSION, *map(str, MANIFESTS)])
+    result = run(["kubernetes-validate", "--strict", "--quiet", "--no-warn", "-k", K8S_VERSION, *map(str, MANIFESTS)])
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -230,11 +232,13 @@ def test_k8s_autoscalers_budgets_and_exposure(k8s_docs: list[dict[str, Any]]) ->
         assert {m["type"] for m in metrics} == {"Resource", "External"}, name
         assert {m["external"]["metric"]["name"] for m in metrics if m["type"] == "External"} <= served
     deployments = set(kinds["Deployment"])
-    with_pdb = {d["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] for d in kinds["PodDisruptionBudget"].values()}
+    with_pdb = {d["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"]
+                for d in kinds["PodDisruptionBudget"].values()}
     assert deployments - with_pdb == {"echox-celery-worker", "livekit"}  # one replica each, Recreate
     public = {n for n, s in kinds["Service"].items() if s["spec"].get("type") == "LoadBalancer"}
     assert public == {"echox-gateway-grpc", "livekit"}
-    backends = {p["backend"]["service"]["name"] for p in kinds["Ingress"]["echox-api"]["spec"]["rules"][0]["http"]["paths"]}
+    paths = kinds["Ingress"]["echox-api"]["spec"]["rules"][0]["http"]["paths"]
+    backends = {p["backend"]["service"]["name"] for p in paths}
     assert backends == {"echox-api", "echox-gateway"}
     policies = kinds["NetworkPolicy"]
     assert policies["default-deny-ingress"]["spec"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
@@ -463,7 +467,8 @@ def echox_commands(compose: dict[str, Any], k8s_docs: list[dict[str, Any]]) -> I
     for doc, spec in pod_specs(k8s_docs):
         for container in spec["containers"] + spec.get("initContainers", []):
             if container["image"].split(":")[0] in ours:
-                yield f"k8s {doc['metadata']['name']}/{container['name']}", container.get("command") or container["args"]
+                where = f"k8s {doc['metadata']['name']}/{container['name']}"
+                yield where, container.get("command") or container["args"]
                 probe = container.get("livenessProbe", {}).get("exec")
                 if probe:
                     yield f"k8s {doc['metadata']['name']} liveness", probe["command"]
@@ -503,7 +508,7 @@ def metric_names(expr: str) -> set[str]:
 def exported() -> set[str]:
     """Every sample name the services' registry exposes (services.common.metrics, and the API's
     additions if it has any)."""
-    import services.common.metrics  # noqa: F401
+    import services.common.metrics
 
     if importlib.util.find_spec("services.api.app") is not None:
         import services.api.app  # noqa: F401

@@ -32,7 +32,10 @@ def load_echox(args: dict[str, Any]) -> EchoX:
     threads = int(params.get("torch_threads", {}).get("string_value", "0") or 0)
     if threads > 0:
         torch.set_num_threads(threads)  # this stub process runs one model instance only
-    return EchoX.from_pretrained(resolve_model_dir(folder))
+    # The GPU when the server has one (the instance group stays KIND_CPU: one config for
+    # CPU and GPU deployments); ECHOX_TRITON_DEVICE=cpu keeps a GPU server's models on CPU.
+    use_gpu = torch.cuda.is_available() and os.environ.get("ECHOX_TRITON_DEVICE", "auto") != "cpu"
+    return EchoX.from_pretrained(resolve_model_dir(folder), device="cuda" if use_gpu else "cpu")
 
 
 def read_input(request: Any, name: str) -> np.ndarray | None:
