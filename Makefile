@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-APT_PACKAGES := espeak-ng sox docker-compose
+APT_PACKAGES := espeak-ng sox docker-compose chromium chromium-driver
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 

@@ -26,7 +26,8 @@ def question() -> np.ndarray:
 
 async def _serving(model_dir: Path | None) -> AsyncIterator[str]:
     port = free_port()
-    settings = get_settings().model_copy(update={"grpc_port": port, "model_dir": model_dir, "turn_deadline_s": 60.0})
+    settings = get_settings().model_copy(update={"grpc_port": port, "http_port": 0, "model_dir": model_dir,
+                                                  "turn_deadline_s": 60.0})
     stop, ready = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(serve_embedded(settings, stop, ready))
     await asyncio.wait({task, asyncio.ensure_future(ready.wait())}, timeout=120, return_when=asyncio.FIRST_COMPLETED)

@@ -38,7 +38,8 @@ async def test_a_turn_is_measured_and_logged_with_its_ids() -> None:
     ttfa_before = _count("echox_time_to_first_audio_seconds_count", {"transport": "grpc"})
     port = free_port()
     stop, ready = asyncio.Event(), asyncio.Event()
-    server = asyncio.create_task(serve_embedded(get_settings().model_copy(update={"grpc_port": port}), stop, ready))
+    settings = get_settings().model_copy(update={"grpc_port": port, "http_port": 0})
+    server = asyncio.create_task(serve_embedded(settings, stop, ready))
     try:
         await asyncio.wait_for(ready.wait(), timeout=120)
         async with ConverseClient(f"127.0.0.1:{port}") as client:

@@ -55,8 +55,11 @@ class Conversation {
       this.send({ type: "played", turn_id: meta.turn_id, index: meta.index });
       if (!this.player.busy) setStatus("listening");
     });
+    // ?processing=off: the microphone as it is (a headset, a line input, a test's fake device);
+    // otherwise the browser's echo cancellation keeps the agent's voice from interrupting itself.
+    const processing = new URLSearchParams(location.search).get("processing") !== "off";
     this.stream = await navigator.mediaDevices.getUserMedia({
-      audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true, autoGainControl: true },
+      audio: { channelCount: 1, echoCancellation: processing, noiseSuppression: processing, autoGainControl: processing },
     });
     await this.ctx.audioWorklet.addModule("/static/capture-worklet.js");
     const source = this.ctx.createMediaStreamSource(this.stream);
