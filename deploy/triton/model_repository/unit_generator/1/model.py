@@ -9,41 +9,26 @@ ECHOX_MODEL_DIR environment variable, else the committed default model.
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
-from torch.utils.dlpack import from_dlpack
 
 from echox.checkpoint import EchoX
 from echox.errors import EchoXError
-from echox.paths import resolve_model_dir
+from echox.hosting import dlpack_to_numpy, load_hosted_model, model_parameters
 from echox.streaming.stages import HiddenSegment, UnitStage
 
 
 def load_echox(args: dict[str, Any]) -> EchoX:
-    """The EchoX model named by the model config (see the module docstring), torch threads set."""
-    params = json.loads(args["model_config"]).get("parameters", {})
-    folder = params.get("model_dir", {}).get("string_value", "") or os.environ.get("ECHOX_MODEL_DIR") or None
-    threads = int(params.get("torch_threads", {}).get("string_value", "0") or 0)
-    if threads > 0:
-        torch.set_num_threads(threads)  # this stub process runs one model instance only
-    # The GPU when the server has one (the instance group stays KIND_CPU: one config for
-    # CPU and GPU deployments); ECHOX_TRITON_DEVICE=cpu keeps a GPU server's models on CPU.
-    use_gpu = torch.cuda.is_available() and os.environ.get("ECHOX_TRITON_DEVICE", "auto") != "cpu"
-    return EchoX.from_pretrained(resolve_model_dir(folder), device="cuda" if use_gpu else "cpu")
+    """The model named by the model config (see echox.hosting.load_hosted_model)."""
+    return load_hosted_model(model_parameters(args["model_config"]))
 
 
 def read_input(request: Any, name: str) -> np.ndarray | None:
-    """An input as numpy, read through DLPack: under numpy 2 the stub's `as_numpy()` returns
-    arrays whose every element reads as the first one."""
     tensor = pb_utils.get_input_tensor_by_name(request, name)
-    if tensor is None:
-        return None
-    return from_dlpack(tensor.to_dlpack()).numpy()
+    return None if tensor is None else dlpack_to_numpy(tensor)
 
 
 class TritonPythonModel:

@@ -1,0 +1,49 @@
+"""Loading a model inside a model server (the Triton Python-backend models in deploy/triton):
+which folder, which device, how many threads, and reading DLPack tensors. Server-agnostic: it
+imports no server library, it only reads the model parameters the server hands over."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch.utils.dlpack import from_dlpack
+
+from echox.checkpoint import EchoX
+from echox.paths import resolve_model_dir
+
+
+class DLPackTensor(Protocol):
+    def to_dlpack(self) -> Any: ...
+
+
+def model_parameters(model_config_json: str) -> dict[str, str]:
+    """The string parameters of a Triton model config (config.pbtxt `parameters`)."""
+    params = json.loads(model_config_json).get("parameters", {})
+    return {key: str(value.get("string_value", "")) for key, value in params.items() if isinstance(value, dict)}
+
+
+def load_hosted_model(params: dict[str, str]) -> EchoX:
+    """The model a server instance serves.
+
+    Folder: the `model_dir` parameter when not empty, else ECHOX_MODEL_DIR, else the committed
+    default model. Device: the GPU when there is one (the instance group can stay KIND_CPU, so one
+    config serves CPU and GPU deployments), unless ECHOX_TRITON_DEVICE=cpu. `torch_threads` > 0
+    caps torch's threads: the server process runs this one instance.
+    """
+    folder = params.get("model_dir") or os.environ.get("ECHOX_MODEL_DIR") or None
+    threads = int(params.get("torch_threads") or 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    use_gpu = torch.cuda.is_available() and os.environ.get("ECHOX_TRITON_DEVICE", "auto") != "cpu"
+    return EchoX.from_pretrained(resolve_model_dir(folder), device="cuda" if use_gpu else "cpu")
+
+
+def dlpack_to_numpy(tensor: DLPackTensor) -> npt.NDArray[Any]:
+    """A server tensor as numpy, through DLPack (under numpy 2 the Triton stub's own `as_numpy()`
+    returns arrays whose every element reads as the first one)."""
+    return np.asarray(from_dlpack(tensor.to_dlpack()).cpu().numpy())
