@@ -8,6 +8,7 @@ last append. `MemorySessionStore` serves embedded mode; `RedisSessionStore` keep
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import time
@@ -51,6 +52,11 @@ class SessionStore(Protocol):
 
     async def append(self, session_id: str, turn: Turn) -> None:
         """Adds a turn (keeping the newest `max_turns`) and restarts the TTL; UnknownSession if none."""
+        ...
+
+    async def amend_last(self, session_id: str, turn: Turn) -> None:
+        """Replaces the newest turn (a barge-in learned after the turn was saved); no-op when the
+        history is empty; UnknownSession if none."""
         ...
 
     async def end(self, session_id: str) -> None: ...
@@ -101,6 +107,13 @@ class MemorySessionStore:
             raise UnknownSession(session_id)
         turns.append(turn)
         self._sessions[session_id] = (turns, self._clock() + self.ttl_s)
+
+    async def amend_last(self, session_id: str, turn: Turn) -> None:
+        turns = self._live(session_id)
+        if turns is None:
+            raise UnknownSession(session_id)
+        if turns:
+            turns[-1] = turn
 
     async def end(self, session_id: str) -> None:
         self._sessions.pop(session_id, None)
@@ -185,6 +198,14 @@ class RedisSessionStore:
         done = await self._call("RPUSH session history", self._append(keys=keys, args=args))
         if not done:
             raise UnknownSession(session_id)
+
+    async def amend_last(self, session_id: str, turn: Turn) -> None:
+        if not await self.exists(session_id):
+            raise UnknownSession(session_id)
+        encoded = json.dumps({"user": turn.user, "assistant": turn.assistant})
+        key = self.history_key(session_id)
+        with contextlib.suppress(BusError):  # an empty history ("no such key"): nothing to amend
+            await self._call("LSET session history", self._client.lset(key, -1, encoded))
 
     async def end(self, session_id: str) -> None:
         await self._call("DEL session", self._client.delete(self.marker_key(session_id), self.history_key(session_id)))

@@ -121,6 +121,9 @@ class TurnRun:
         how many segments the caller really heard (default: all that were handed out)."""
         if played_segments is not None and played_segments >= 0:
             self.summary.played_segments = min(played_segments, self.summary.played_segments)
+        if self._finished and not self.summary.cancelled and self.summary.error is None:
+            await self._amend_heard()  # the turn was delivered in full but not all of it was heard
+            return
         self._cancelled.set()
         cancel = pb.Cancel(header=messages.child_header(self.header), reason="barge-in")
         with contextlib.suppress(BusError):
@@ -265,6 +268,17 @@ class TurnRun:
                 await self.edge.sessions.append(self.session_id, Turn(summary.transcript, summary.heard))
             for stream in self._cursors:
                 await self.edge.bus.expire(stream, self.edge.stream_ttl_s)
+
+    async def _amend_heard(self) -> None:
+        """After delivery, the caller reported hearing only the first segments: history keeps those."""
+        summary = self.summary
+        texts = [self._segment_text.get(i, "").strip() for i in range(summary.played_segments)]
+        heard = " ".join(t for t in texts if t)
+        if heard == summary.heard or not summary.transcript:
+            return
+        summary.heard, summary.cancelled = heard, True
+        with contextlib.suppress(Exception):  # the history is bookkeeping: the call goes on
+            await self.edge.sessions.amend_last(self.session_id, Turn(summary.transcript, heard))
 
     def _closing_events(self) -> list[pb.TurnEvent]:
         """What the stages could not say: the edge's own error (deadline, bus), or the end of

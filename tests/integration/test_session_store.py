@@ -93,6 +93,19 @@ async def test_create_with_a_given_id_keeps_existing_history(make: StoreFactory)
     assert await store.create() != await store.create()
 
 
+async def test_amend_last_rewrites_only_the_newest_turn(make: StoreFactory) -> None:
+    store = make()
+    sid = await store.create()
+    await store.amend_last(sid, Turn("x", "y"))  # nothing to amend yet: no error, no turn
+    assert await store.history(sid) == []
+    await store.append(sid, Turn("q1", "a1"))
+    await store.append(sid, Turn("q2", "the whole answer"))
+    await store.amend_last(sid, Turn("q2", "the whole"))
+    assert await store.history(sid) == [Turn("q1", "a1"), Turn("q2", "the whole")]
+    with pytest.raises(UnknownSession):
+        await store.amend_last("nope", Turn("a", "b"))
+
+
 async def test_unknown_session(make: StoreFactory) -> None:
     store = make()
     assert not await store.exists("nope")
