@@ -18,6 +18,10 @@ TIME_TO_FIRST_AUDIO = Histogram(
     "echox_time_to_first_audio_seconds", "From the end of the caller's turn to the first answer audio",
     ["transport"], buckets=_LATENCY_BUCKETS,
 )
+BARGE_IN = Histogram(
+    "echox_barge_in_seconds", "From the caller's speech onset over the agent to its playback stopped",
+    ["transport"], buckets=_LATENCY_BUCKETS,
+)
 MESSAGES = Counter(
     "echox_messages_total", "Messages a stage finished, by outcome", ["stage", "outcome"],
 )
@@ -34,6 +38,7 @@ API_LATENCY = Histogram(
 
 METRIC_NAMES = (
     "echox_queue_lag_seconds", "echox_stage_latency_seconds", "echox_time_to_first_audio_seconds",
+    "echox_barge_in_seconds",
     "echox_messages_total", "echox_errors_total", "echox_turns_total", "echox_active_sessions", "echox_in_flight",
     "echox_api_requests_total", "echox_api_request_seconds",
 )

@@ -37,6 +37,7 @@ import numpy as np
 
 from services.common.bus import BusError
 from services.common.logs import log
+from services.common.metrics import BARGE_IN
 from services.common.settings import Settings
 from services.gateway.codecs import (
     AudioFormatError,
@@ -352,6 +353,7 @@ class Call:
         turn.stats.cancelled = True
         await self._transport_call(self.transport.stop_playback(turn.turn_id))
         turn.stats.barge_in_ms = (time.monotonic() - self._onset_at) * 1000.0
+        BARGE_IN.labels(getattr(self.edge, "transport", "unknown")).observe(turn.stats.barge_in_ms / 1000.0)
         heard = self._heard(turn)
         if turn.run is not None:
             await turn.run.cancel(heard)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from livekit import rtc
+from prometheus_client import REGISTRY
 
 from echox.espeak import speak
 from services.common.settings import get_settings
@@ -147,6 +148,7 @@ async def test_a_spoken_turn_is_detected_answered_and_played_in_order(room: Room
 
 async def test_speaking_over_the_agent_stops_it(talkative_room: Room) -> None:
     room = talkative_room
+    measured = REGISTRY.get_sample_value("echox_barge_in_seconds_count", {"transport": "livekit"}) or 0.0
     await room.start()
     await room.say(np.concatenate([question(), silence(0.8)]))
     transport = room.transport
@@ -156,6 +158,7 @@ async def test_speaking_over_the_agent_stops_it(talkative_room: Room) -> None:
     turn_id, queued = transport.stops[0]
     assert queued == 0.0, "playback stopped at once: nothing left queued in the source"
     assert transport.of_type("barge_in")[0]["turn_id"] == turn_id
+    assert REGISTRY.get_sample_value("echox_barge_in_seconds_count", {"transport": "livekit"}) == measured + 1
     await until(lambda: [e for e in transport.of_type("done") if e["turn_id"] == turn_id])
     first = [e for e in transport.of_type("done") if e["turn_id"] == turn_id]
     assert first[0]["cancelled"]
