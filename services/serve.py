@@ -164,7 +164,7 @@ async def wait_for_workers(settings: Settings, stages: tuple[str, ...] = STAGES,
         await client.aclose()
 
 
-class _HostedUvicorn:
+class HostedUvicorn:
     """uvicorn serving in this event loop; the host process keeps its own signal handling."""
 
     def __init__(self, app: Any, settings: Settings) -> None:
@@ -201,7 +201,7 @@ class _HostedUvicorn:
         self.socket.close()
 
 
-async def start_http(settings: Settings, edge: ConversationEdge, sessions: Any) -> _HostedUvicorn:
+async def start_http(settings: Settings, edge: ConversationEdge, sessions: Any) -> HostedUvicorn:
     """The HTTP side: the browser page and WebSocket transports, inside the control plane's app
     when services.api.app.create_app exists, else in a bare FastAPI app."""
     import importlib.util
@@ -215,12 +215,12 @@ async def start_http(settings: Settings, edge: ConversationEdge, sessions: Any) 
         from services.api import app as api_app
 
         if hasattr(api_app, "create_app"):
-            server = _HostedUvicorn(api_app.create_app(settings, sessions=sessions, routers=[router]), settings)
+            server = HostedUvicorn(api_app.create_app(settings, sessions=sessions, routers=[router]), settings)
             await server.start()
             return server
     app = FastAPI(title="EchoX Voice")
     app.include_router(router)
-    server = _HostedUvicorn(app, settings)
+    server = HostedUvicorn(app, settings)
     await server.start()
     return server
 

@@ -44,14 +44,14 @@ async def run_gateway(settings: Settings, stop: asyncio.Event) -> None:
     from services.gateway.converse import start_grpc_server
     from services.gateway.session import ConversationEdge
     from services.gateway.web import build_web_router
-    from services.serve import _HostedUvicorn
+    from services.serve import HostedUvicorn
 
     bus, sessions = open_bus(settings), open_sessions(settings)
     edge = ConversationEdge.from_settings(bus, sessions, settings)
     grpc_server, grpc_port = await start_grpc_server(edge, settings.grpc_host, settings.grpc_port,
                                                      settings.max_turn_audio_s)
     web_edge = ConversationEdge.from_settings(bus, sessions, settings, "websocket")
-    http = _HostedUvicorn(edge_app(settings, build_web_router(web_edge, settings)), settings)
+    http = HostedUvicorn(edge_app(settings, build_web_router(web_edge, settings)), settings)
     await http.start()
     agent_server = None
     livekit_task = None
