@@ -127,8 +127,9 @@ def run_bench_serve(args: argparse.Namespace) -> int:
 
 
 async def _bench(model_dir: Path, levels: list[int], turns: int, backend: str) -> dict[str, Any]:
+    from services.common.processes import free_port
     from services.common.settings import get_settings
-    from services.serve import LocalCluster, free_port, serve_distributed
+    from services.serve import LocalCluster, serve_distributed
 
     audios = questions_audio()
     local_ttfa = await asyncio.to_thread(in_process_ttfa, model_dir, audios, turns)

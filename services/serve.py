@@ -15,7 +15,6 @@ import dataclasses
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,17 +22,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from services.common.processes import stop_process
 from services.common.settings import REPO_ROOT, Settings
-from services.common.stack import STAGES, Models, make_worker, open_bus, open_sessions, stop_on_signals
-from services.common.worker import CancelWatch
-from services.gateway.converse import start_grpc_server
-from services.gateway.session import ConversationEdge
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from services.common.stack import STAGES, Models, embedded_data_plane, open_bus, open_sessions, stop_on_signals
+from services.gateway.edge import api_app, edge_running
 
 
 def redis_answers(url: str, timeout_s: float = 1.0) -> bool:
@@ -60,16 +52,6 @@ def start_redis(port: int) -> subprocess.Popen[bytes]:
             raise RuntimeError(f"redis-server did not start on port {port}")
         time.sleep(0.05)
     return process
-
-
-def stop_process(process: subprocess.Popen[Any], timeout_s: float = 10.0) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=timeout_s)
 
 
 @dataclasses.dataclass
@@ -164,100 +146,24 @@ async def wait_for_workers(settings: Settings, stages: tuple[str, ...] = STAGES,
         await client.aclose()
 
 
-class HostedUvicorn:
-    """uvicorn serving in this event loop; the host process keeps its own signal handling."""
-
-    def __init__(self, app: Any, settings: Settings) -> None:
-        import uvicorn
-
-        class Server(uvicorn.Server):
-            def capture_signals(self) -> contextlib.nullcontext[None]:  # type: ignore[override]
-                return contextlib.nullcontext()
-
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5,
-                                ws_max_size=1024 * 1024)
-        self.server = Server(config)
-        self.socket = socket.socket(socket.AF_INET6 if ":" in settings.http_host else socket.AF_INET)
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.socket.bind((settings.http_host, settings.http_port))  # port 0: a free one
-        self.port = int(self.socket.getsockname()[1])
-        self.task: asyncio.Task[None] | None = None
-
-    async def start(self, timeout_s: float = 30.0) -> None:
-        self.task = asyncio.create_task(self.server.serve(sockets=[self.socket]))
-        deadline = time.monotonic() + timeout_s
-        while not self.server.started:
-            if self.task.done() or time.monotonic() > deadline:
-                self.socket.close()
-                if self.task.done():
-                    self.task.result()  # its own error says most
-                raise RuntimeError(f"the HTTP server did not start on port {self.port}")
-            await asyncio.sleep(0.02)
-
-    async def stop(self) -> None:
-        self.server.should_exit = True
-        if self.task is not None:
-            await asyncio.wait_for(self.task, timeout=15)
-        self.socket.close()
-
-
-async def start_http(settings: Settings, edge: ConversationEdge, sessions: Any) -> HostedUvicorn:
-    """The HTTP side: the browser page and WebSocket transports, inside the control plane's app
-    when services.api.app.create_app exists, else in a bare FastAPI app."""
-    import importlib.util
-
-    from fastapi import FastAPI
-
-    from services.gateway.web import build_web_router
-
-    router = build_web_router(edge, settings)
-    if importlib.util.find_spec("services.api.app") is not None:
-        from services.api import app as api_app
-
-        if hasattr(api_app, "create_app"):
-            server = HostedUvicorn(api_app.create_app(settings, sessions=sessions, routers=[router]), settings)
-            await server.start()
-            return server
-    app = FastAPI(title="EchoX Voice")
-    app.include_router(router)
-    server = HostedUvicorn(app, settings)
-    await server.start()
-    return server
-
-
 async def serve_embedded(settings: Settings, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
     """Everything in one process: in-memory bus and state, local backends, the gRPC API, and the
-    HTTP side (page, WebSocket transports) on settings.http_host:http_port."""
+    HTTP side (page, WebSocket transports, API) on settings.http_host:http_port. No LiveKit: its
+    jobs run on event loops of their own, which the in-memory bus cannot reach."""
     from services.common.tokens import new_secret
 
     # One secret for everything in this process that mints or checks session tokens.
-    settings = settings.model_copy(update={"backend": "local", "bus_url": "memory://",
-                                           "token_secret": settings.token_secret or new_secret()})
-    bus = open_bus(settings, "memory://")
-    sessions = open_sessions(settings, "memory://")
-    models = Models.load(settings.model_dir, "local")
-    cancels = CancelWatch(bus)
-    workers = [make_worker(stage, bus, sessions, settings, models, cancels, f"{stage}-embedded") for stage in STAGES]
-    edge = ConversationEdge.from_settings(bus, sessions, settings)
-    server, port = await start_grpc_server(edge, settings.grpc_host, settings.grpc_port, settings.max_turn_audio_s)
-    tasks = [asyncio.create_task(w.run(stop)) for w in workers] + [asyncio.create_task(cancels.run(stop))]
-    web_edge = ConversationEdge.from_settings(bus, sessions, settings, "websocket")
-    http = None
-    try:
-        http = await start_http(settings, web_edge, sessions)
-        print(f"echox serve --embedded: the page on http://{settings.http_host}:{http.port}/", flush=True)
-        print(f"echox serve --embedded: Converse on grpc://{settings.grpc_host}:{port} (Ctrl-C stops)", flush=True)
-        if ready is not None:
-            ready.set()
-        await stop.wait()
-    finally:
-        stop.set()  # also when the HTTP side failed to start: the workers end with it
-        if http is not None:
-            await http.stop()
-        await server.stop(grace=2.0)
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await sessions.close()
-        await bus.close()
+    settings = settings.model_copy(update={"token_secret": settings.token_secret or new_secret(),
+                                           "livekit_enabled": False})
+    async with embedded_data_plane(settings) as plane:
+        app = api_app(plane.settings, plane.sessions)
+        async with edge_running(plane.settings, plane.bus, plane.sessions, app) as (grpc_port, http_port):
+            print(f"echox serve --embedded: the page on http://{settings.http_host}:{http_port}/", flush=True)
+            print(f"echox serve --embedded: Converse on grpc://{settings.grpc_host}:{grpc_port} (Ctrl-C stops)",
+                  flush=True)
+            if ready is not None:
+                ready.set()
+            await stop.wait()
 
 
 async def serve_distributed(cluster: LocalCluster, workers_per_stage: int, stop: asyncio.Event) -> None:
@@ -270,28 +176,14 @@ async def serve_distributed(cluster: LocalCluster, workers_per_stage: int, stop:
         for _ in range(workers_per_stage):
             cluster.start_worker(stage)
     await wait_for_workers(settings)
-    bus = open_bus(settings)
-    sessions = open_sessions(settings)
-    edge = ConversationEdge.from_settings(bus, sessions, settings)
-    server, port = await start_grpc_server(edge, settings.grpc_host, settings.grpc_port, settings.max_turn_audio_s)
-    http = await start_http(settings, ConversationEdge.from_settings(bus, sessions, settings, "websocket"), sessions)
-    agent_server, livekit = None, None
-    if settings.livekit_enabled:
-        from services.gateway.livekit_agent import build_agent_server
-
-        agent_server = build_agent_server(settings)
-        livekit = asyncio.create_task(agent_server.run())
-    print(f"echox serve: the page and API on http://{settings.http_host}:{http.port}/", flush=True)
-    print(f"echox serve: Converse on grpc://{settings.grpc_host}:{port}; {workers_per_stage} worker(s) per stage, "
-          f"backend {settings.backend}; logs in {cluster.log_dir} (Ctrl-C stops)", flush=True)
+    bus, sessions = open_bus(settings), open_sessions(settings)
     try:
-        await stop.wait()
+        async with edge_running(settings, bus, sessions, api_app(settings, sessions)) as (grpc_port, http_port):
+            print(f"echox serve: the page and API on http://{settings.http_host}:{http_port}/", flush=True)
+            print(f"echox serve: Converse on grpc://{settings.grpc_host}:{grpc_port}; {workers_per_stage} worker(s) "
+                  f"per stage, backend {settings.backend}; logs in {cluster.log_dir} (Ctrl-C stops)", flush=True)
+            await stop.wait()
     finally:
-        if agent_server is not None and livekit is not None:
-            await agent_server.aclose()
-            livekit.cancel()
-        await http.stop()
-        await server.stop(grace=2.0)
         await sessions.close()
         await bus.close()
 

@@ -20,8 +20,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -35,6 +33,7 @@ from types import TracebackType
 
 from echox.checkpoint import read_config
 from echox.errors import EchoXError, ModelLoadError
+from services.common.processes import free_port, stop_process
 from services.common.settings import REPO_ROOT
 
 MODEL_REPOSITORY = REPO_ROOT / "deploy" / "triton" / "model_repository"
@@ -49,12 +48,6 @@ class TritonServerError(EchoXError):
 def triton_home(prefix: str | Path | None = None) -> Path:
     """Where install-triton.sh put the server: PREFIX/triton/pytriton/tritonserver."""
     return Path(prefix or sys.prefix) / "triton" / "pytriton" / "tritonserver"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def log_tail(path: Path, lines: int = 30) -> str:
@@ -264,13 +257,8 @@ class TritonServer:
     def stop(self) -> None:
         """SIGTERM (Triton finishes in-flight requests), then SIGKILL after stop_timeout_s."""
         process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=self.stop_timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=self.stop_timeout_s)
+        if process is not None:
+            stop_process(process, self.stop_timeout_s)
         if self._workdir is not None:
             with contextlib.suppress(OSError):
                 shutil.rmtree(self._workdir)

@@ -41,37 +41,17 @@ def edge_app(settings: Settings, web_router: object) -> object:
 
 
 async def run_gateway(settings: Settings, stop: asyncio.Event) -> None:
-    from services.gateway.converse import start_grpc_server
-    from services.gateway.session import ConversationEdge
+    from services.gateway.edge import edge_running
     from services.gateway.web import build_web_router
-    from services.serve import HostedUvicorn
 
     bus, sessions = open_bus(settings), open_sessions(settings)
-    edge = ConversationEdge.from_settings(bus, sessions, settings)
-    grpc_server, grpc_port = await start_grpc_server(edge, settings.grpc_host, settings.grpc_port,
-                                                     settings.max_turn_audio_s)
-    web_edge = ConversationEdge.from_settings(bus, sessions, settings, "websocket")
-    http = HostedUvicorn(edge_app(settings, build_web_router(web_edge, settings)), settings)
-    await http.start()
-    agent_server = None
-    livekit_task = None
-    if settings.livekit_enabled:
-        from services.gateway.livekit_agent import build_agent_server
-
-        agent_server = build_agent_server(settings)
-        livekit_task = asyncio.create_task(agent_server.run())
-    log(logger, logging.INFO, "gateway started", grpc_port=grpc_port, http_port=http.port,
-        livekit=settings.livekit_url if settings.livekit_enabled else None)
     try:
-        await stop.wait()
+        async with edge_running(settings, bus, sessions,
+                                lambda edge: edge_app(settings, build_web_router(edge, settings))) as ports:
+            log(logger, logging.INFO, "gateway started", grpc_port=ports[0], http_port=ports[1],
+                livekit=settings.livekit_url if settings.livekit_enabled else None)
+            await stop.wait()
     finally:
-        if agent_server is not None:
-            await agent_server.aclose()
-        if livekit_task is not None:
-            livekit_task.cancel()
-            await asyncio.gather(livekit_task, return_exceptions=True)
-        await http.stop()
-        await grpc_server.stop(grace=5.0)
         await sessions.close()
         await bus.close()
 

@@ -192,8 +192,9 @@ async def new_session(base_url: str) -> dict[str, Any]:
 @contextlib.asynccontextmanager
 async def embedded_stack(**overrides: Any) -> AsyncIterator[str]:
     """serve_embedded in this process on free ports; yields the HTTP base URL."""
+    from services.common.processes import free_port
     from services.common.settings import get_settings
-    from services.serve import free_port, serve_embedded
+    from services.serve import serve_embedded
 
     settings = get_settings().model_copy(update={"grpc_port": free_port(), "http_port": free_port(), **overrides})
     stop, ready = asyncio.Event(), asyncio.Event()
@@ -252,7 +253,7 @@ def _summary(values: list[float]) -> str:
 
 async def run_against_cli(turns: int, barge_ins: int, log_path: Path) -> dict[str, Any]:
     """`echox serve --embedded` as its own process (the client's timing stays out of its loop)."""
-    from services.serve import free_port, stop_process
+    from services.common.processes import free_port, stop_process
 
     http_port = free_port()
     args = [sys.executable, "-m", "echox.cli.main", "serve", "--embedded", "--grpc-port", str(free_port()),

@@ -25,8 +25,8 @@ import pytest
 
 from echox.audio import write_wav
 from echox.espeak import speak
+from services.common.processes import free_port, stop_process
 from services.common.settings import REPO_ROOT
-from services.serve import free_port, stop_process
 
 pytestmark = pytest.mark.e2e
 CHROMIUM = "/usr/bin/chromium"

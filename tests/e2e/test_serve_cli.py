@@ -20,7 +20,7 @@ import pytest
 
 from echox.audio import write_wav
 from echox.espeak import speak
-from services.serve import free_port
+from services.common.processes import free_port
 
 pytestmark = pytest.mark.e2e
 ECHOX = [sys.executable, "-m", "echox.cli.main"]

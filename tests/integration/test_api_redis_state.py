@@ -11,8 +11,8 @@ import redis as redis_lib
 from fastapi.testclient import TestClient
 
 from services.api import create_app
+from services.common.processes import free_port
 from services.common.settings import Settings
-from services.common.triton_server import free_port
 
 ADMIN = "admin-key-of-the-redis-state-test-0123456789"
 

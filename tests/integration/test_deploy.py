@@ -24,7 +24,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -36,6 +35,7 @@ from typing import Any
 import pytest
 import yaml
 
+from services.common.processes import free_port
 from services.common.settings import REPO_ROOT
 
 K8S_VERSION = "1.31.0"
@@ -312,12 +312,6 @@ def test_dockerfile_policy(dockerfile: Path) -> None:
 
 
 # --- the helper scripts of the images -----------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def healthcheck(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -22,13 +22,14 @@ import redis
 
 from echox.espeak import speak
 from services.common import messages
+from services.common.processes import free_port, stop_process
 from services.common.settings import get_settings
 from services.common.stack import open_bus, open_sessions
 from services.gateway.client import ConverseClient, TurnResult
 from services.gateway.converse import start_grpc_server
 from services.gateway.session import ConversationEdge
 from services.proto import stages_pb2 as pb
-from services.serve import LocalCluster, free_port, start_redis, stop_process, wait_for_workers
+from services.serve import LocalCluster, start_redis, wait_for_workers
 
 pytestmark = pytest.mark.integration
 STAGE_STREAMS = {"speech_llm": messages.TURNS, "unit_generator": messages.SEGMENTS, "vocoder": messages.UNITS}

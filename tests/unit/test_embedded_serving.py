@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from echox.espeak import speak
+from services.common.processes import free_port
 from services.common.settings import get_settings
 from services.gateway.client import CallError, ConverseClient
 from services.proto import stages_pb2 as pb
-from services.serve import free_port, serve_embedded
+from services.serve import serve_embedded
 
 pytestmark = pytest.mark.unit
 

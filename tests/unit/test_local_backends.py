@@ -25,7 +25,9 @@ from echox.streaming.stages import (
 )
 from echox.tokenizer import Turn
 from services.common.backends.base import BackendError
-from services.common.backends.local import LocalSpeechLLM, LocalUnits, LocalVocoder, make_backends
+from services.common.backends.local import LocalSpeechLLM, LocalUnits, LocalVocoder
+from services.common.settings import get_settings
+from services.common.stack import STAGES, Models, make_backend
 
 
 @pytest.fixture(scope="module")
@@ -151,11 +153,13 @@ def test_a_bad_segment_is_a_backend_error(echox: EchoX) -> None:
         asyncio.run(run())
 
 
-def test_make_backends() -> None:
-    llm, units, vocoder = make_backends("local", DEFAULT_MODEL_DIR)
+def test_make_backend() -> None:
+    settings = get_settings().model_copy(update={"backend": "local"})
+    models = Models.load(DEFAULT_MODEL_DIR, "local")
+    llm, units, vocoder = (make_backend(stage, settings, models) for stage in STAGES)
     assert isinstance(llm, LocalSpeechLLM) and isinstance(units, LocalUnits) and isinstance(vocoder, LocalVocoder)
     assert llm.max_audio_seconds > 0
     with pytest.raises(ValueError, match="unknown backend"):
-        make_backends("remote", DEFAULT_MODEL_DIR)
-    with pytest.raises(ValueError, match="triton_url"):
-        make_backends("triton", DEFAULT_MODEL_DIR)
+        make_backend("speech_llm", settings.model_copy(update={"backend": "remote"}), models)
+    remote = make_backend("speech_llm", settings.model_copy(update={"backend": "triton"}), models)
+    assert remote.max_audio_seconds == models.config.encoder.window_seconds  # the model's own window

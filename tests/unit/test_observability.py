@@ -14,9 +14,10 @@ from prometheus_client import REGISTRY
 from echox.espeak import speak
 from services.common.logs import JsonFormatter
 from services.common.metrics import METRIC_NAMES
+from services.common.processes import free_port
 from services.common.settings import get_settings
 from services.gateway.client import ConverseClient
-from services.serve import free_port, serve_embedded
+from services.serve import serve_embedded
 
 pytestmark = pytest.mark.unit
 

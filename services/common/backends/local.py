@@ -6,7 +6,7 @@ streaming speech LLM runs its decoding loop in a dedicated thread that hands out
 loop through an asyncio.Queue. The caller's asyncio cancel event is bridged to the
 threading.Event that SpeechLLMStage.run checks before every decoding step.
 
-`make_backends(kind, model_dir, triton_url)` builds all three stages of either kind.
+Workers get their backends from services.common.stack.make_backend (as ECHOX_BACKEND says).
 """
 
 from __future__ import annotations
@@ -16,16 +16,12 @@ import contextlib
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TypeVar, cast
 
-import torch
-
 from echox.audio import FloatArray
-from echox.checkpoint import EchoX, read_config
+from echox.checkpoint import EchoX
 from echox.errors import EchoXError
 from echox.events import TextDeltaEvent
-from echox.paths import resolve_model_dir
 from echox.streaming.stages import (
     AnswerEnd,
     AudioSegment,
@@ -37,17 +33,10 @@ from echox.streaming.stages import (
     VocoderStage,
 )
 from echox.tokenizer import Turn
-from services.common.backends.base import BackendError, SpeechLLMBackend, UnitBackend, VocoderBackend
+from services.common.backends.base import BackendError
 
 T = TypeVar("T")
 _END = object()
-
-
-def set_torch_threads(threads: int | None) -> None:
-    """Caps torch's intra-op threads for this process (None leaves torch's default). Called when
-    backends are built, never at import, so importing this module changes nothing."""
-    if threads is not None and threads > 0 and torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
 
 
 class _Pooled:
@@ -157,40 +146,3 @@ class LocalVocoder(_Pooled):
 
     async def synthesize(self, segment: UnitSegment) -> AudioSegment:
         return await self._call(self.stage.synthesize, segment)
-
-
-Backends = tuple[SpeechLLMBackend, UnitBackend, VocoderBackend]
-
-
-def make_backends(
-    kind: str,
-    model_dir: str | Path | None = None,
-    triton_url: str | None = None,
-    *,
-    torch_threads: int | None = None,
-    timeout_s: float = 60.0,
-) -> Backends:
-    """The three stage backends of one kind.
-
-    - "local": loads the model folder once (None: ECHOX_MODEL_DIR or the committed default)
-      and shares it between the stages; `torch_threads` caps torch's threads in this process.
-    - "triton": clients of the models on the Triton server at `triton_url` (host:port of its
-      gRPC endpoint); `model_dir`, when given, only tells the audio window of the model;
-      `timeout_s` is the deadline of every call.
-    """
-    if kind == "local":
-        set_torch_threads(torch_threads)
-        echox = EchoX.from_pretrained(resolve_model_dir(str(model_dir) if model_dir else None))
-        return LocalSpeechLLM(echox), LocalUnits(echox), LocalVocoder(echox)
-    if kind == "triton":
-        from services.common.backends import triton
-
-        if not triton_url:
-            raise ValueError("the triton backend needs triton_url (host:port of Triton's gRPC endpoint)")
-        window = read_config(Path(model_dir)).encoder.window_seconds if model_dir else 30.0
-        return (
-            triton.TritonSpeechLLM(triton_url, timeout_s=timeout_s, max_audio_seconds=window),
-            triton.TritonUnits(triton_url, timeout_s=timeout_s),
-            triton.TritonVocoder(triton_url, timeout_s=timeout_s),
-        )
-    raise ValueError(f"unknown backend kind {kind!r} (local or triton)")
