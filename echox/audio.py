@@ -15,6 +15,8 @@ from echox.errors import AudioInputError
 SAMPLE_RATE = 16_000
 
 FloatArray = npt.NDArray[np.float32]
+_MULAW_BIAS = 0x84
+_MULAW_CLIP14 = 8159
 
 
 def prepare_audio(
@@ -82,3 +84,31 @@ def write_wav(path: str | Path, audio: FloatArray, sample_rate: int = SAMPLE_RAT
     """Writes mono 16-bit PCM WAV."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     sf.write(str(path), to_pcm16(audio), sample_rate, subtype="PCM_16")
+
+
+# G.711 μ-law (telephony): numpy only, as the stdlib's audioop is gone in Python 3.13.
+def _mulaw_table() -> npt.NDArray[np.int16]:
+    """All 256 μ-law codes decoded to 16-bit PCM (ITU-T G.711)."""
+    codes = ~np.arange(256, dtype=np.int32) & 0xFF
+    exponent = (codes >> 4) & 0x07
+    mantissa = codes & 0x0F
+    magnitude = ((mantissa << 3) + _MULAW_BIAS) << exponent
+    return np.where(codes & 0x80, _MULAW_BIAS - magnitude, magnitude - _MULAW_BIAS).astype(np.int16)
+
+
+_MULAW_DECODE = _mulaw_table()
+
+
+def mulaw_to_float(data: bytes) -> FloatArray:
+    return (_MULAW_DECODE[np.frombuffer(data, dtype=np.uint8)].astype(np.float32) / 32768.0).astype(np.float32)
+
+
+def float_to_mulaw(audio: FloatArray) -> bytes:
+    """G.711 μ-law, bit-exact with the classic reference (Sun g711.c, as audioop had it)."""
+    value = (np.clip(audio, -1.0, 1.0) * 32767.0).astype(np.int32) >> 2  # 14-bit, arithmetic shift
+    mask = np.where(value < 0, 0x7F, 0xFF)
+    magnitude = np.minimum(np.abs(value), _MULAW_CLIP14) + (_MULAW_BIAS >> 2)
+    # The segment is the position of the highest set bit above bit 5; past segment 7 it saturates.
+    segment = np.maximum(np.floor(np.log2(magnitude)).astype(np.int32) - 5, 0)
+    code = np.where(segment > 7, 0x7F, (np.minimum(segment, 7) << 4) | ((magnitude >> (segment + 1)) & 0x0F))
+    return ((code ^ mask) & 0xFF).astype(np.uint8).tobytes()

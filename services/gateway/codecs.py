@@ -1,5 +1,5 @@
-"""Audio codecs of the edge transports: PCM16 and float32 bytes, G.711 μ-law (telephony), and a
-streaming resampler. numpy only (the stdlib's audioop is deprecated and gone in Python 3.13)."""
+"""Audio codecs of the edge transports: PCM16 and float32 bytes, G.711 μ-law (telephony, from the
+core library, where training's phone-band augmentation uses it too), and a streaming resampler."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import numpy as np
 import numpy.typing as npt
 import soxr
 
+from echox.audio import float_to_mulaw, mulaw_to_float
+
 FloatArray = npt.NDArray[np.float32]
-_MULAW_BIAS = 0x84
-_MULAW_CLIP14 = 8159
+__all__ = ["AudioFormatError", "StreamResampler", "f32_to_float", "float_to_mulaw", "float_to_pcm16", "mulaw_to_float",
+           "pcm16_to_float", "resample"]
 
 
 class AudioFormatError(ValueError):
@@ -30,33 +32,6 @@ def f32_to_float(data: bytes) -> FloatArray:
 
 def float_to_pcm16(audio: FloatArray) -> bytes:
     return (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
-
-
-def _mulaw_table() -> npt.NDArray[np.int16]:
-    """All 256 μ-law codes decoded to 16-bit PCM (ITU-T G.711)."""
-    codes = ~np.arange(256, dtype=np.int32) & 0xFF
-    exponent = (codes >> 4) & 0x07
-    mantissa = codes & 0x0F
-    magnitude = ((mantissa << 3) + _MULAW_BIAS) << exponent
-    return np.where(codes & 0x80, _MULAW_BIAS - magnitude, magnitude - _MULAW_BIAS).astype(np.int16)
-
-
-_MULAW_DECODE = _mulaw_table()
-
-
-def mulaw_to_float(data: bytes) -> FloatArray:
-    return (_MULAW_DECODE[np.frombuffer(data, dtype=np.uint8)].astype(np.float32) / 32768.0).astype(np.float32)
-
-
-def float_to_mulaw(audio: FloatArray) -> bytes:
-    """G.711 μ-law, bit-exact with the classic reference (Sun g711.c, as audioop had it)."""
-    value = (np.clip(audio, -1.0, 1.0) * 32767.0).astype(np.int32) >> 2  # 14-bit, arithmetic shift
-    mask = np.where(value < 0, 0x7F, 0xFF)
-    magnitude = np.minimum(np.abs(value), _MULAW_CLIP14) + (_MULAW_BIAS >> 2)
-    # The segment is the position of the highest set bit above bit 5; past segment 7 it saturates.
-    segment = np.maximum(np.floor(np.log2(magnitude)).astype(np.int32) - 5, 0)
-    code = np.where(segment > 7, 0x7F, (np.minimum(segment, 7) << 4) | ((magnitude >> (segment + 1)) & 0x0F))
-    return ((code ^ mask) & 0xFF).astype(np.uint8).tobytes()
 
 
 def resample(audio: FloatArray, from_rate: int, to_rate: int) -> FloatArray:

@@ -9,7 +9,7 @@ labels are characters by default: with a few thousand clips they are learned far
 tokenizer's 512 word pieces (dev CER 0.24 vs 0.43 after 350 steps), and rare names share them.
 
 Features are exactly inference's (`SpeechEncoder.log_mel`: a full window of log-mel frames).
-Each clip is augmented at training time (training/augment.py: gain, speed, noise) before its
+Each clip is augmented at training time (training/augment.py: gain, speed, silence, phone band, noise) before its
 features are taken. For speed the encoder runs on the window's first frames only, enough for
 the batch's longest clip plus `window_margin_s` of padding: the window's sinusoidal positions are
 a prefix of the full window's, so the weights are the same, and the states of the audio come out
