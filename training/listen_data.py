@@ -36,6 +36,7 @@ from echox.errors import EchoXError
 from echox.models.echox import EchoXModel
 from echox.tokenizer import TextTokenizer, Turn
 from training.augment import AugmentSettings, augment
+from training.distributed import Parallel
 from training.text_data import IGNORE_INDEX, Fact
 
 CLEAN = 0  # rendition number of the unaugmented clip
@@ -219,17 +220,21 @@ def encode_renditions(
     cache_dir: Path | None = None,
     batch_size: int = 8,
     progress: Callable[[int], None] | None = None,
+    part: tuple[int, int] = (0, 1),
 ) -> dict[str, torch.Tensor]:
     """Encoder states (CACHE_DTYPE, [T, d_enc]) of every rendition, by `Rendition.key`. Shards
     already in `cache_dir` (same encoder, augmentation, seed and keys) are read back; new
     shards are written as they are finished. `progress(n)` is told of every n renditions done
-    (and may raise to stop: finished shards stay on disk)."""
+    (and may raise to stop: finished shards stay on disk). `part` = (k, n): only every n-th
+    shard from the k-th, for n processes filling one cache."""
     fingerprint = encoder_fingerprint(model) if cache_dir is not None else ""
     out: dict[str, torch.Tensor] = {}
     by_key = {r.key: r for r in plan}
     was_training = model.training
     model.eval()
-    for keys in _shard_keys(plan):
+    for index, keys in enumerate(_shard_keys(plan)):
+        if index % part[1] != part[0]:
+            continue
         path = cache_dir / _shard_name(keys, fingerprint, settings, seed) if cache_dir is not None else None
         if path is not None and path.is_file():
             out.update(load_file(str(path)))
@@ -309,3 +314,23 @@ def batch_indices(count: int, batch_size: int, seed: int, step: int) -> list[int
     """The example indices of training step `step`: a resumed run sees the batches of an unbroken one."""
     per_epoch = -(-count // batch_size)
     return epoch_batches(count, batch_size, seed, step // per_epoch)[step % per_epoch]
+
+
+def encode_shared(
+    parallel: Parallel,
+    model: EchoXModel,
+    plan: Sequence[Rendition],
+    settings: AugmentSettings,
+    seed: int,
+    cache_dir: Path,
+    batch_size: int = 8,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """`encode_renditions` with the work split over torchrun's ranks: each fills its share of
+    the cache shards, then every rank reads them all."""
+    if not parallel.active:
+        return encode_renditions(model, plan, settings, seed, cache_dir, batch_size, progress)
+    encode_renditions(model, plan, settings, seed, cache_dir, batch_size, progress,
+                      part=(parallel.rank, parallel.world_size))
+    parallel.barrier()
+    return encode_renditions(model, plan, settings, seed, cache_dir, batch_size)

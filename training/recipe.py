@@ -24,6 +24,7 @@ class Recipe:
     stages: tuple[str, ...]
     settings: dict[str, dict[str, Any]]
     source: Path
+    distributed: dict[str, Any] | None = None  # training.distributed.DistributedSettings fields
 
     def stage_settings(self, stage: str) -> dict[str, Any]:
         return dict(self.settings.get(stage) or {})
@@ -66,4 +67,5 @@ def load_recipe(name_or_path: str, data_root: Path) -> Recipe:
         stages=stages,
         settings={str(k): dict(v or {}) for k, v in (raw.get("settings") or {}).items()},
         source=path,
+        distributed=dict(raw["distributed"] or {}) if "distributed" in raw else None,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,8 +12,9 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from training.distributed import SINGLE, DistributedSettings, Parallel, from_environment
 from training.recipe import Recipe
-from training.stage import Reporter, StageContext, run_stage
+from training.stage import Reporter, SilentReporter, StageContext, run_stage
 from training.stages import stage_fn
 
 
@@ -52,6 +54,13 @@ class RichReporter:
         self.progress.console.print(message)
 
 
+def recipe_parallel(recipe: Recipe) -> Parallel:
+    """One process, unless the recipe asks for `distributed` settings or torchrun started us."""
+    if recipe.distributed is None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return SINGLE
+    return from_environment(DistributedSettings.from_mapping(recipe.distributed or {}))
+
+
 def run_recipe(
     recipe: Recipe,
     out: Path,
@@ -59,10 +68,13 @@ def run_recipe(
     reporter: Reporter | None = None,
     cancel: threading.Event | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Runs `stages` (default: the recipe's) into `out`; finished stages are skipped."""
+    """Runs `stages` (default: the recipe's) into `out`; finished stages are skipped. Under
+    torchrun every rank calls this; rank 0 alone reports and writes the run's records."""
+    parallel = recipe_parallel(recipe)
     out.mkdir(parents=True, exist_ok=True)
-    written = {"recipe": str(recipe.source), "name": recipe.name, "facts": str(recipe.facts)}
-    (out / "recipe.json").write_text(json.dumps(written, indent=2))
+    if parallel.is_main:
+        written = {"recipe": str(recipe.source), "name": recipe.name, "facts": str(recipe.facts)}
+        (out / "recipe.json").write_text(json.dumps(written, indent=2))
     results: dict[str, dict[str, Any]] = {}
     for stage in stages or recipe.stages:
         ctx = StageContext(
@@ -73,10 +85,13 @@ def run_recipe(
             preset=recipe.preset,
             seed=recipe.seed,
             cancel=cancel or threading.Event(),
+            parallel=parallel,
         )
         if reporter is not None:
-            ctx.reporter = reporter
+            ctx.reporter = reporter if parallel.is_main else SilentReporter()
         results[stage] = run_stage(stage_fn(stage), ctx)
+    if not parallel.is_main:
+        return results
     report = out / "report.json"  # earlier invocations' stages stay in the report
     merged = json.loads(report.read_text()) if report.is_file() else {}
     report.write_text(json.dumps({**merged, **results}, indent=2) + "\n")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from echox.errors import ConfigError
+from training.distributed import SINGLE, Parallel, main_first
 
 if TYPE_CHECKING:  # torch loads when a stage trains, not when the CLI starts
     import torch
@@ -72,6 +73,7 @@ class StageContext:
     reporter: Reporter = dataclasses.field(default_factory=SilentReporter)
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
     seed: int = 0
+    parallel: Parallel = SINGLE  # torchrun's ranks (training.distributed); one process by default
 
     @property
     def out(self) -> Path:
@@ -102,17 +104,33 @@ def is_done(run_dir: Path, stage: str) -> bool:
 
 
 def run_stage(fn: StageFn, ctx: StageContext) -> dict[str, Any]:
-    """Runs one stage unless it already finished; records its wall time and result."""
+    """Runs one stage unless it already finished; records its wall time and result. Under
+    torchrun a data-parallel stage runs on every rank, any other on rank 0 alone while the rest
+    wait; rank 0 writes the record."""
+    from training.stages import DATA_PARALLEL
+
     done = ctx.out / DONE_FILE
     if done.is_file():
         return dict(json.loads(done.read_text()))
+    if ctx.parallel.active and ctx.stage not in DATA_PARALLEL:
+        with main_first(ctx.parallel) as main:
+            if main:
+                _timed(fn, ctx, done)
+        return dict(json.loads(done.read_text()))
+    result = _timed(fn, ctx, done)
+    ctx.parallel.barrier()  # the other ranks read rank 0's record of a finished stage
+    return result
+
+
+def _timed(fn: StageFn, ctx: StageContext, done: Path) -> dict[str, Any]:
     import torch
 
     torch.manual_seed(ctx.seed)
     started = time.perf_counter()
     result = dict(fn(ctx))
     result["wall_seconds"] = round(time.perf_counter() - started, 1)
-    done.write_text(json.dumps(result, indent=2) + "\n")
+    if ctx.parallel.is_main:
+        done.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 

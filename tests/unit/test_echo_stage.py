@@ -273,13 +273,13 @@ def test_the_s2t_stage_cached_states_are_reused_when_its_encoder_is_this_one(
     if not same_encoder:
         torch.nn.init.normal_(echox.model.speech_encoder.whisper.conv1.weight)
     encoded: list[str] = []
-    real = echo.encode_renditions
+    real = echo.encode_shared
 
-    def spy(model: Any, wanted: list[Rendition], *args: Any) -> dict[str, torch.Tensor]:
+    def spy(parallel: Any, model: Any, wanted: list[Rendition], *args: Any) -> dict[str, torch.Tensor]:
         encoded.extend(r.key for r in wanted)
-        return real(model, wanted, *args)
+        return real(parallel, model, wanted, *args)
 
-    monkeypatch.setattr(echo, "encode_renditions", spy)
+    monkeypatch.setattr(echo, "encode_shared", spy)
     train, dev = echo.spoken_examples(ctx, settings, echox, plan, dev_plan)
     assert [e.key for e in train] == [r.key for r in plan] and len(dev) == len(dev_plan)
     if same_encoder:

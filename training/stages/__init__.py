@@ -9,6 +9,8 @@ from training.stage import StageFn
 STAGE_ORDER: tuple[str, ...] = (
     "synth", "lm", "units", "unit_language", "t2c", "vocoder", "asr", "s2t", "echo", "echo_gold", "model"
 )
+# Stages that train data-parallel under torchrun (training.distributed); the rest run on rank 0.
+DATA_PARALLEL = frozenset({"s2t", "echo", "echo_gold"})
 # Stages that run another stage's module under their own name (and folder) with other settings.
 MODULE_OF = {"echo_gold": "echo"}
 

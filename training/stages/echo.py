@@ -78,7 +78,7 @@ from training.listen_data import (
     build_examples,
     collate,
     encode_audios,
-    encode_renditions,
+    encode_shared,
     load_spoken_questions,
     plan_renditions,
     sample_clips,
@@ -114,6 +114,7 @@ class EchoSettings:
     ctc_weight: float = 0.3
     denoise_ratio: float = 0.2  # w = min(1, denoise_ratio · CE_units / L_denoise)
     echo_grad_to_llm: bool = True  # the unit losses also reach the LLM through its hidden states
+    train_llm: bool = True  # False: the LLM stays as stage I left it (the large presets: no LoRA here)
     facts: str = "train"  # "train": facts whose recorded answer is in the train split; "all"
     clean_per_text: int = 1  # clean train clips per question text (listen_data.plan_renditions)
     augmented_per_text: int = 0
@@ -361,6 +362,7 @@ def trained_modules(model: EchoXModel) -> nn.ModuleDict:
 def make_optimizer(model: EchoXModel, settings: EchoSettings) -> torch.optim.AdamW:
     """Aligner + echo decoder at lr_speak; adapter, CTC head, LookBack, LLM at lr_listen."""
     # The LLM's (tied) token table stays frozen: the echo decoder reads it as its text rows.
+    model.llm.requires_grad_(settings.train_llm)
     model.llm.get_input_embeddings().requires_grad_(False)
     speak = [*model.aligner.parameters(), *model.echo_decoder.parameters()]
     listen = [p for name in TRAINED_MODULES[:4] for p in getattr(model, name).parameters() if p.requires_grad]
@@ -381,9 +383,25 @@ class Training:
     keys: dict[str, tuple[str, ...]]  # fact id → key words
 
 
+class EchoObjective(nn.Module):
+    """The stage-III loss as one module: under torchrun, DDP sees every training forward."""
+
+    def __init__(self, work: Training, settings: EchoSettings) -> None:
+        super().__init__()
+        self.model, self.work, self.settings = work.model, work, settings
+
+    def forward(self, examples: Sequence[SpokenExample]) -> tuple[torch.Tensor, dict[str, float]]:
+        return train_losses(self.model, self.work.layout, self.work.book, examples, self.settings)
+
+
 def train_loop(ctx: StageContext, settings: EchoSettings, work: Training) -> dict[str, Any]:
-    """AdamW steps until `steps` or `max_minutes`; resumes from checkpoint/, logs, evaluates."""
+    """AdamW steps until `steps` or `max_minutes`; resumes from checkpoint/, logs, evaluates.
+    Under torchrun each rank takes its share of every batch; rank 0 alone logs, evaluates and
+    checkpoints."""
     model, optimizer, state_module = work.model, make_optimizer(work.model, settings), trained_modules(work.model)
+    parallel = ctx.parallel
+    parallel.prepare(model, state_module)
+    objective = parallel.wrap(EchoObjective(work, settings), find_unused=True)  # an all-empty batch has no units
     state_dir = ctx.out / CHECKPOINT_DIR
     step, extra = load_training_state(state_dir, state_module, optimizer)
     elapsed_before, budget_s = float(extra.get("elapsed_s", 0.0)), settings.max_minutes * 60
@@ -394,39 +412,50 @@ def train_loop(ctx: StageContext, settings: EchoSettings, work: Training) -> dic
     ctx.reporter.advance(step)
     started, elapsed, window = time.perf_counter(), elapsed_before, list[dict[str, float]]()
     progress = max(step / settings.steps, elapsed / budget_s)
-    if work.dev and step == 0:  # the starting point: the s2t model with its untrained aligner
-        metrics.add(0, **evaluate(model, work.layout, work.dev_book, work.dev, work.keys, settings))
+    if work.dev and step == 0 and parallel.is_main:  # the starting point: the s2t model, untrained aligner
+        with parallel.autocast():
+            metrics.add(0, **evaluate(model, work.layout, work.dev_book, work.dev, work.keys, settings))
     model.train()
     while progress < 1.0:
         ctx.check_cancelled()
         for group in optimizer.param_groups:
             group["lr"] = group["peak_lr"] * lr_factor(settings, step, progress)
-        chosen = [work.train[i] for i in batch_indices(len(work.train), settings.batch_size, ctx.seed, step)]
-        loss, figures = train_losses(model, work.layout, work.book, chosen, settings)
+        chosen = parallel.shard(batch_indices(len(work.train), settings.batch_size, ctx.seed, step))
+        with parallel.autocast():
+            loss, figures = objective([work.train[i] for i in chosen])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         torch.nn.utils.clip_grad_norm_(state_module.parameters(), settings.grad_clip)
         optimizer.step()
         step += 1
         elapsed = elapsed_before + time.perf_counter() - started
-        progress = max(step / settings.steps, elapsed / budget_s)
+        progress = parallel.agree_max(max(step / settings.steps, elapsed / budget_s))
         window.append(figures)
         ctx.reporter.advance(1, loss=figures["loss"])
+        if not parallel.is_main:
+            continue
         if step % settings.log_every == 0 or progress >= 1.0:
             names = dict.fromkeys(k for w in window for k in w)
             metrics.add(step, **{k: float(np.mean([w[k] for w in window if k in w])) for k in names})
             window.clear()
         if work.dev and step % settings.eval_every == 0 and progress < 1.0:
-            dev = evaluate(model, work.layout, work.dev_book, work.dev, work.keys, settings)
+            with parallel.autocast():
+                dev = evaluate(model, work.layout, work.dev_book, work.dev, work.keys, settings)
             metrics.add(step, **dev)
             ctx.reporter.log(f"{ctx.stage} step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in dev.items()))
         if step % settings.checkpoint_every == 0 or progress >= 1.0:
             save_training_state(state_dir, state_module, optimizer, step, {"elapsed_s": elapsed})
             work.book.echo.save(ctx.out / TARGETS_FILE)
             metrics.save()
-    dev = evaluate(model, work.layout, work.dev_book, work.dev, work.keys, settings) if work.dev else {}
+    if not parallel.replicas_agree(state_module):
+        raise RuntimeError(f"{ctx.stage}: the training processes ended with different weights")
+    if not parallel.is_main:
+        return {"steps": step}
+    with parallel.autocast():
+        dev = evaluate(model, work.layout, work.dev_book, work.dev, work.keys, settings) if work.dev else {}
     metrics.add(step, **dev)
     summary = {"steps": step, "stopped_by_time": step < settings.steps, "train_seconds": round(elapsed, 1),
+               "processes": parallel.world_size,
                **{k: round(v, 4) for k, v in dev.items()}, **work.book.echo.figures()}
     metrics.set(**summary)
     metrics.save()
@@ -498,9 +527,9 @@ def spoken_examples(ctx: StageContext, settings: EchoSettings, echox: EchoX, pla
         ctx.reporter.advance(done)
 
     if missing:
-        states.update(encode_renditions(
-            echox.model, missing, AugmentSettings.from_mapping(settings.augment), ctx.seed, ctx.out / ENCODED_DIR,
-            settings.encode_batch, progress,
+        states.update(encode_shared(
+            ctx.parallel, echox.model, missing, AugmentSettings.from_mapping(settings.augment), ctx.seed,
+            ctx.out / ENCODED_DIR, settings.encode_batch, progress,
         ))
     return build_examples(plan, states, echox.tokenizer), build_examples(dev_plan, states, echox.tokenizer)
 
@@ -514,6 +543,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     torch.manual_seed(ctx.seed)
     echox = EchoX.from_pretrained(ctx.input("s2t") / MODEL_DIR)
     model, tokenizer = echox.model, echox.tokenizer
+    model.to(ctx.parallel.device)
     layout = Layout(tokenizer.audio_patch_id, tokenizer.eos_id, model.t2c_prefix_ids(tokenizer.bos_id),
                     model.t2c_suffix_ids(tokenizer.eos_id))
     facts = {fact.id: fact for fact in load_facts(ctx.facts)}
@@ -528,7 +558,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     work = Training(model, layout, book, train, dev, dev_book, {fact_id: fact.key for fact_id, fact in facts.items()})
     ctx.reporter.log(f"{ctx.stage}: {settings.targets} targets, {len(train)} train and {len(dev)} dev questions")
     result = train_loop(ctx, settings, work)
-    model.eval()
+    if not ctx.parallel.is_main:
+        return result
+    model.float().eval()  # one dtype again after bf16 training: the folder and inference expect it
     echox.save_pretrained(ctx.out / MODEL_DIR)
     clips = [r.question for r in dev_plan[: settings.samples]]
     samples = speak_samples(echox, clips, ctx.out / SAMPLES_DIR) if clips else []

@@ -54,7 +54,7 @@ from training.listen_data import (
     batch_indices,
     build_examples,
     collate,
-    encode_renditions,
+    encode_shared,
     load_spoken_questions,
     plan_renditions,
     sample_clips,
@@ -232,6 +232,17 @@ def s2t_loss(
     return loss, figures
 
 
+class S2TObjective(nn.Module):
+    """The stage-I loss as one module: under torchrun, DDP sees every training forward."""
+
+    def __init__(self, model: EchoXModel, patch_id: int, ctc_weight: float) -> None:
+        super().__init__()
+        self.model, self.patch_id, self.ctc_weight = model, patch_id, ctc_weight
+
+    def forward(self, batch: SpokenBatch) -> tuple[torch.Tensor, StepFigures]:
+        return s2t_loss(self.model, batch, self.patch_id, self.ctc_weight)
+
+
 # --- evaluation ----------------------------------------------------------------------------
 
 
@@ -360,9 +371,15 @@ def train_steps(
     dev: Sequence[SpokenExample],
     patch_id: int,
 ) -> dict[str, Any]:
-    """The training loop, resumed from RUN/s2t/checkpoint when one is there."""
+    """The training loop, resumed from RUN/s2t/checkpoint when one is there. Under torchrun each
+    rank takes its share of every batch and rank 0 alone logs, evaluates and checkpoints."""
+    parallel = ctx.parallel
+    if parallel.active and settings.llm_frozen_share > 0:
+        raise ConfigError("settings.s2t: llm_frozen_share needs one process (DDP cannot change what learns)")
     optimizer = make_optimizer(model, settings)
     state_module = trained_modules(model)
+    parallel.prepare(model, state_module)
+    objective = parallel.wrap(S2TObjective(model, patch_id, settings.ctc_weight))
     checkpoint = ctx.out / CHECKPOINT_DIR
     step, extra = load_training_state(checkpoint, state_module, optimizer)
     elapsed_before = float(extra.get("elapsed_s", 0.0))
@@ -380,30 +397,38 @@ def train_steps(
         factor = lr_factor(settings, step, progress)
         for group in optimizer.param_groups:
             group["lr"] = group["peak_lr"] * factor
-        set_llm_trainable(model, settings, progress >= settings.llm_frozen_share)
-        batch = collate([train[i] for i in batch_indices(len(train), settings.batch_size, ctx.seed, step)])
-        loss, figures = s2t_loss(model, batch, patch_id, settings.ctc_weight)
+        if settings.llm_frozen_share > 0:
+            set_llm_trainable(model, settings, progress >= settings.llm_frozen_share)
+        chosen = parallel.shard(batch_indices(len(train), settings.batch_size, ctx.seed, step))
+        with parallel.autocast():
+            loss, figures = objective(collate([train[i] for i in chosen]))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         torch.nn.utils.clip_grad_norm_(state_module.parameters(), settings.grad_clip)
         optimizer.step()
         step += 1
         elapsed = elapsed_before + time.perf_counter() - started
-        progress = training_progress(settings, step, elapsed)
+        progress = parallel.agree_max(training_progress(settings, step, elapsed))
         window.append(figures)
         ctx.reporter.advance(1, loss=figures.loss, ctc=figures.ctc)
         finished = progress >= 1.0
+        if not parallel.is_main:
+            continue
         if step % settings.log_every == 0 or finished:
             metrics.add(step, **{k: sum(getattr(f, k) for f in window) / len(window) for k in _CURVES})
             window.clear()
         if dev and (step % settings.eval_every == 0 or finished):
-            figures_dev = monitor(model, dev, patch_id, settings.batch_size)
+            with parallel.autocast():
+                figures_dev = monitor(model, dev, patch_id, settings.batch_size)
             metrics.add(step, **figures_dev)
             ctx.reporter.log(f"s2t step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in figures_dev.items()))
         if step % settings.checkpoint_every == 0 or finished:
             save_training_state(checkpoint, state_module, optimizer, step, {"elapsed_s": elapsed})
             metrics.save()
-    return {"steps_done": step, "train_seconds": round(elapsed, 1), "stopped_by_time": step < settings.steps}
+    if not parallel.replicas_agree(state_module):
+        raise RuntimeError("s2t: the training processes ended with different weights")
+    return {"steps_done": step, "train_seconds": round(elapsed, 1), "stopped_by_time": step < settings.steps,
+            "processes": parallel.world_size}
 
 
 _CURVES = ("loss", "answer_ce", "ctc", "answer_token_accuracy", "kept_per_token")
@@ -435,6 +460,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         init_ctc_head(model)  # a resumed run loads its trained head over this
     if settings.lora_rank > 0:
         add_lora(model, settings)
+    model.to(ctx.parallel.device)
     facts = {fact.id: fact for fact in load_facts(ctx.facts)}
     synth = ctx.input("synth")
     train_clips = load_spoken_questions(synth, facts, "train")
@@ -448,8 +474,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
         ctx.check_cancelled()
         ctx.reporter.advance(count)
 
-    encoded = encode_renditions(
-        model, [*plan, *monitor_plan], augment, ctx.seed, ctx.out / ENCODED_DIR, settings.encode_batch, encoded_some
+    encoded = encode_shared(
+        ctx.parallel, model, [*plan, *monitor_plan], augment, ctx.seed, ctx.out / ENCODED_DIR, settings.encode_batch,
+        encoded_some,
     )
     histories = with_histories(plan, train_clips, settings.history_share, ctx.seed)
     train = build_examples(plan, encoded, tokenizer, histories)
@@ -457,8 +484,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
     encoder = "asr" if (ctx.run_dir / ENCODER_STAGE / DONE_FILE).is_file() else "random"
     ctx.reporter.log(f"s2t: {len(train)} train renditions ({encoder} speech encoder), {len(dev)} dev monitor clips")
     trained = train_steps(ctx, settings, model, train, dev, patch_id)
+    if not ctx.parallel.is_main:
+        return trained
     merge_lora(model)
-    model.eval()
+    model.float().eval()  # one dtype again after bf16 training: the folder and inference expect it
     echox.save_pretrained(ctx.out / MODEL_DIR)
     evaluation = s2t_accuracy(echox, sample_clips(dev_clips, settings.dev_clips, ctx.seed))
     metrics = MetricsLog(ctx.out)
