@@ -116,6 +116,8 @@ def run_stage(fn: StageFn, ctx: StageContext) -> dict[str, Any]:
         with main_first(ctx.parallel) as main:
             if main:
                 _timed(fn, ctx, done)
+        if not done.is_file():
+            raise RuntimeError(f"stage {ctx.stage!r} failed on rank 0 (its log says why)")
         return dict(json.loads(done.read_text()))
     result = _timed(fn, ctx, done)
     ctx.parallel.barrier()  # the other ranks read rank 0's record of a finished stage

@@ -586,13 +586,19 @@ def _token_name(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def llama3_pad(tokenizer: Tokenizer, tokenizer_config: Mapping[str, Any], eos: str) -> str:
+    """The pad token of a Llama-3 tokenizer: tokenizer_config's, else the fine-tuning pad, else eos."""
+    pad = _token_name(tokenizer_config.get("pad_token"))
+    if pad is None:
+        pad = "<|finetune_right_pad_id|>" if tokenizer.token_to_id("<|finetune_right_pad_id|>") is not None else eos
+    return pad
+
+
 def official_chat_format(tokenizer: Tokenizer, tokenizer_config: Mapping[str, Any]) -> ChatFormat:
     """The release's Llama-3 prompt, exactly. Its tokenizer adds <|begin_of_text|> to every string
     it encodes, so that id appears inside the role headers and before each message body."""
     eos = _token_name(tokenizer_config.get("eos_token")) or "<|eot_id|>"
-    pad = _token_name(tokenizer_config.get("pad_token"))
-    if pad is None:
-        pad = "<|finetune_right_pad_id|>" if tokenizer.token_to_id("<|finetune_right_pad_id|>") is not None else eos
+    pad = llama3_pad(tokenizer, tokenizer_config, eos)
     bot = "<|begin_of_text|>"
 
     def header(role: str) -> str:

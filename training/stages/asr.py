@@ -20,8 +20,12 @@ The learning rate warms up, then follows a cosine whose progress is the larger o
 At the end, dev-voice questions are greedy-decoded from full-window features (as inference
 encodes them) for CER/WER; the CTC head's greedy CER is reported beside it.
 
+With `import: PATH` (a local Hugging Face Whisper folder: config.json + model.safetensors or
+shards; a relative PATH lies under the data root) it trains nothing: that Whisper's encoder
+becomes the stage's output.
+
 Output (RUN/asr/): speech_encoder.safetensors + speech_encoder.json (save_part of a SpeechEncoder
-whose `.whisper` is the trained encoder), metrics.json, loss.png, checkpoint/ (resume).
+whose `.whisper` is the trained encoder), and when trained metrics.json, loss.png, checkpoint/ (resume).
 """
 
 from __future__ import annotations
@@ -45,14 +49,21 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from echox.audio import SAMPLE_RATE, read_wav
 from echox.checkpoint import save_part
-from echox.errors import ConfigError
+from echox.convert.official import (
+    encoder_config_from_whisper,
+    load_safetensors,
+    read_json,
+    safetensors_files,
+    whisper_encoder_tensors,
+)
+from echox.errors import ConfigError, ModelLoadError
 from echox.models.presets import get_preset
 from echox.models.speech_adapter import ctc_greedy_ids
 from echox.models.speech_encoder import SAMPLES_PER_STATE, SpeechEncoder, SpeechEncoderConfig
-from echox.tokenizer import ChatFormat, TextTokenizer
+from echox.tokenizer import TextTokenizer
 from training.augment import AugmentSettings, augment
 from training.stage import MetricsLog, StageContext, load_training_state, save_training_state, settings_kwargs
-from training.stages.lm import epoch_batches
+from training.stages.lm import epoch_batches, import_folder, load_lm_tokenizer
 
 PART_NAME = "speech_encoder"
 CHECKPOINT_DIR = "checkpoint"
@@ -91,10 +102,17 @@ class ASRSettings:
     dev_clips: int = 300  # dev-voice questions decoded for the dev figures
     eval_batch_size: int = 32
     encoder_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # SpeechEncoderConfig fields
+    import_dir: str = ""  # `import: PATH`: a local HF Whisper folder (relative: under the data root), not trained
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> ASRSettings:
+        values = dict(values)
+        if "import" in values:  # a Python keyword, so the field has another name
+            values["import_dir"] = str(values.pop("import") or "")
         settings = cls(**settings_kwargs(cls, values, "settings.asr"))
+        settings_kwargs(SpeechEncoderConfig, settings.encoder_overrides, "settings.asr.encoder_overrides")
+        if settings.import_dir and settings.encoder_overrides:
+            raise ConfigError("settings.asr: encoder_overrides shape an encoder trained here, not an imported one")
         if settings.ctc_units not in CTC_UNITS:
             raise ConfigError(f"settings.asr: ctc_units must be one of {CTC_UNITS}, got {settings.ctc_units!r}")
         AugmentSettings.from_mapping(settings.augment)  # fail now, not at the first batch
@@ -475,10 +493,44 @@ class Trainer:
         return {"steps_done": step, "train_seconds": round(elapsed, 1), "stopped_by_time": step < settings.steps}
 
 
+def import_encoder(ctx: StageContext, folder: Path) -> dict[str, Any]:
+    """The `import` path: the HF Whisper folder's encoder as this stage's output, nothing trained."""
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"settings.asr.import: {folder} is not a HF Whisper folder: config.json is missing")
+    cfg = read_json(folder / "config.json")
+    tensors = whisper_encoder_tensors(load_safetensors(safetensors_files(folder, "Whisper")))
+    try:
+        config = encoder_config_from_whisper(cfg)
+    except (KeyError, TypeError, ValueError) as exc:
+        reason = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise ModelLoadError(f"cannot read {folder / 'config.json'}: {reason}") from None
+    # Our stages keep the preset's trimming (the release alone encodes the whole padded window).
+    config = config.replace(trim_to_audio=get_preset(ctx.preset).encoder.trim_to_audio)
+    with torch.device("meta"):  # the loaded tensors become the weights: no random init, no copy
+        encoder = SpeechEncoder(config)
+    try:
+        encoder.whisper.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"{folder}: the weights do not fit its config.json: {str(exc).strip()[:500]}") from None
+    save_part(ctx.out, PART_NAME, encoder, config)
+    ctx.reporter.log(f"asr: imported the Whisper encoder of {folder}")
+    return {
+        "imported": str(folder),
+        "encoder_parameters": sum(p.numel() for p in encoder.whisper.parameters()),
+        "d_model": config.d_model,
+        "layers": config.num_layers,
+    }
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
     settings = ASRSettings.from_mapping(ctx.settings)
     torch.set_num_threads(settings.threads)
-    tokenizer = TextTokenizer.load(ctx.input("lm") / "tokenizer.json", ChatFormat())
+    if settings.import_dir:
+        folder = import_folder(settings.import_dir)
+        if not folder.is_dir():
+            raise ModelLoadError(f"settings.asr.import: no HF Whisper folder at {folder}")
+        return import_encoder(ctx, folder)
+    tokenizer = load_lm_tokenizer(ctx.input("lm"))
     clips = load_clips(ctx.input("synth"), tokenizer, settings.answers)
     train = [c for c in clips if c.split == "train"]
     if settings.limit_clips:

@@ -126,7 +126,7 @@ class EchoSettings:
     checkpoint_every: int = 50
     log_every: int = 10
     samples: int = 3  # dev answers spoken end to end into samples/ at the end (0: none)
-    max_minutes: float = 8.0  # training-loop time cap; the LR schedule ends by then too
+    max_minutes: float = 8.0  # training-loop time cap; the LR schedule ends by then too; 0: none
     threads: int = 1
 
     def __post_init__(self) -> None:
@@ -404,7 +404,7 @@ def train_loop(ctx: StageContext, settings: EchoSettings, work: Training) -> dic
     objective = parallel.wrap(EchoObjective(work, settings), find_unused=True)  # an all-empty batch has no units
     state_dir = ctx.out / CHECKPOINT_DIR
     step, extra = load_training_state(state_dir, state_module, optimizer)
-    elapsed_before, budget_s = float(extra.get("elapsed_s", 0.0)), settings.max_minutes * 60
+    elapsed_before, budget_s = float(extra.get("elapsed_s", 0.0)), settings.max_minutes * 60 or math.inf
     metrics = MetricsLog(ctx.out)
     for name in metrics.curves:  # points logged after the checkpoint will be logged again
         metrics.curves[name] = [p for p in metrics.curves[name] if p[0] <= step]
@@ -455,7 +455,7 @@ def train_loop(ctx: StageContext, settings: EchoSettings, work: Training) -> dic
         dev = evaluate(model, work.layout, work.dev_book, work.dev, work.keys, settings) if work.dev else {}
     metrics.add(step, **dev)
     summary = {"steps": step, "stopped_by_time": step < settings.steps, "train_seconds": round(elapsed, 1),
-               "processes": parallel.world_size,
+               "processes": parallel.world_size, "device": parallel.device.type,
                **{k: round(v, 4) for k, v in dev.items()}, **work.book.echo.figures()}
     metrics.set(**summary)
     metrics.save()

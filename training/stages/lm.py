@@ -7,25 +7,45 @@ time / `time_limit_s`, so a busy machine ends the stage on time with a fully dec
 instead of overrunning. At the end it greedy-decodes every fact's first question and reports
 exact-match and key-word accuracy (alone and after an earlier turn).
 
-Outputs (RUN/lm/): tokenizer.json, llm.safetensors + llm.json, metrics.json, loss.png, and
-checkpoint/ (resume state).
+With `import: PATH` (a local Hugging Face Llama folder: config.json, model.safetensors or shards,
+tokenizer.json, optional tokenizer_config.json; a relative PATH lies under the data root,
+ECHOX_DATA_ROOT) it trains nothing: that LLM and its tokenizer
+become the stage's outputs. The tokenizer gains the special tokens our prompt needs
+(`<audio_patch>`, ...) and the LLM rows for them, initialised to the mean embedding; the prompt
+is Llama-3's own chat format when the tokenizer has its header tokens, else ours.
+
+Outputs (RUN/lm/): tokenizer.json, chat.json (its prompt format), llm.safetensors + llm.json,
+and when trained metrics.json, loss.png and checkpoint/ (resume state).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
+import re
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer
 from transformers import PreTrainedModel
 
 from echox.checkpoint import save_part
-from echox.errors import ConfigError
+from echox.convert.official import (
+    LLM_HEAD,
+    LLM_TABLE,
+    llama3_pad,
+    llm_config_from_official,
+    load_safetensors,
+    read_json,
+    safetensors_files,
+)
+from echox.errors import ConfigError, EchoXError, ModelLoadError
 from echox.models.llm import LLMConfig, build_llm
 from echox.models.presets import get_preset
 from echox.tokenizer import ChatFormat, TextTokenizer, Turn
@@ -47,7 +67,10 @@ from training.text_data import (
 )
 
 TOKENIZER_FILE = "tokenizer.json"
+CHAT_FILE = "chat.json"  # the prompt format of tokenizer.json (ChatFormat fields)
 CHECKPOINT_DIR = "checkpoint"
+LLAMA3_CHAT_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+SPECIAL_TOKEN = re.compile(r"<[^<>\s]+>")  # one marker such as <|user|>, not text around several
 VOCAB_MULTIPLE = 64  # the model's vocabulary is the tokenizer's, rounded up (spare rows are never used)
 
 
@@ -74,10 +97,20 @@ class LMSettings:
     eval_batch_size: int = 64
     max_answer_tokens: int = 96
     llm_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # LLMConfig fields to change
+    import_dir: str = ""  # `import: PATH`: a local HF Llama folder (relative: under the data root), not trained
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> LMSettings:
-        return cls(**settings_kwargs(cls, values, "settings.lm"))
+        values = dict(values)
+        if "import" in values:  # a Python keyword, so the field has another name
+            values["import_dir"] = str(values.pop("import") or "")
+        settings = cls(**settings_kwargs(cls, values, "settings.lm"))
+        overrides = settings_kwargs(LLMConfig, settings.llm_overrides, "settings.lm.llm_overrides")
+        if "vocab_size" in overrides:
+            raise ConfigError("settings.lm.llm_overrides: vocab_size follows the tokenizer (settings.lm.vocab_size)")
+        if settings.import_dir and overrides:
+            raise ConfigError("settings.lm: llm_overrides shape a model trained from scratch, not an imported one")
+        return settings
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -217,12 +250,170 @@ def learn_or_load_tokenizer(ctx: StageContext, settings: LMSettings, texts: Sequ
         return TextTokenizer.load(path, ChatFormat())
     tokenizer = train_text_tokenizer(texts, settings.vocab_size, ChatFormat(), settings.min_frequency)
     tokenizer.save(path)
+    save_chat_format(ctx.out, tokenizer.chat)
     return tokenizer
+
+
+def save_chat_format(folder: Path, chat: ChatFormat) -> None:
+    (folder / CHAT_FILE).write_text(json.dumps(chat.to_dict(), indent=2) + "\n")
+
+
+def load_lm_tokenizer(lm_dir: Path) -> TextTokenizer:
+    """RUN/lm's tokenizer in the prompt format saved beside it (a run without chat.json: ours)."""
+    path = Path(lm_dir) / CHAT_FILE
+    chat = ChatFormat.from_dict(read_json(path)) if path.is_file() else ChatFormat()
+    return TextTokenizer.load(Path(lm_dir) / TOKENIZER_FILE, chat)
 
 
 def llm_config_for(ctx: StageContext, tokenizer: TextTokenizer, overrides: Mapping[str, Any]) -> LLMConfig:
     llm: LLMConfig = get_preset(ctx.preset).llm
     return llm.replace(**overrides, vocab_size=round_up(tokenizer.vocab_size, VOCAB_MULTIPLE))
+
+
+# --- importing a pretrained LLM -------------------------------------------------------------
+
+
+def llama3_chat_format(tokenizer: Tokenizer, tokenizer_config: Mapping[str, Any]) -> ChatFormat:
+    """Llama-3 Instruct's own prompt (its chat template, no system block): header, blank line,
+    message, <|eot_id|>. Not the release's variant (official_chat_format), whose extra
+    <|begin_of_text|> ids come from its tokenizer adding one to every string."""
+    eos = "<|eot_id|>"  # the end of a turn, whatever tokenizer_config calls eos (base models: end_of_text)
+
+    def header(role: str) -> str:
+        return f"<|start_header_id|>{role}<|end_header_id|>\n\n"
+
+    return ChatFormat(
+        bos="<|begin_of_text|>",
+        eos=eos,
+        user_prefix=header("user"),
+        user_suffix=eos,
+        assistant_prefix=header("assistant"),
+        assistant_suffix=eos,
+        pad=llama3_pad(tokenizer, tokenizer_config, eos),
+    )
+
+
+def import_folder(value: str) -> Path:
+    """An `import:` setting's folder: a relative path lies under the data root (ECHOX_DATA_ROOT),
+    where the recipes keep their data; an absolute one is taken as it is."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return path
+    from services.common.settings import get_settings  # pydantic settings: only when importing
+
+    return get_settings().data_root / path
+
+
+def check_llm_folder(folder: Path) -> None:
+    """One error naming everything the HF folder lacks."""
+    if not folder.is_dir():
+        raise ModelLoadError(f"settings.lm.import: no HF LLM folder at {folder}")
+    problems = [f"{name} is missing" for name in ("config.json", TOKENIZER_FILE) if not (folder / name).is_file()]
+    try:
+        safetensors_files(folder, "LLM")
+    except ModelLoadError as exc:
+        problems.append(str(exc))
+    if problems:
+        raise ModelLoadError(f"settings.lm.import: {folder} is not a HF causal-LM folder: {'; '.join(problems)}")
+
+
+def import_tokenizer(folder: Path) -> tuple[TextTokenizer, list[str]]:
+    """The folder's tokenizer with the special tokens our prompt lacks added after its last id,
+    and those tokens. Llama-3's chat format when it has the header tokens, else ours."""
+    path = folder / TOKENIZER_FILE
+    try:
+        backend = Tokenizer.from_file(str(path))
+    except Exception as exc:  # the tokenizers library raises a bare Exception on bad JSON
+        raise ModelLoadError(f"cannot read tokenizer {path}: {exc}") from None
+    config_path = folder / "tokenizer_config.json"
+    tokenizer_config = read_json(config_path) if config_path.is_file() else {}
+    llama3 = all(backend.token_to_id(token) is not None for token in LLAMA3_CHAT_TOKENS)
+    chat = llama3_chat_format(backend, tokenizer_config) if llama3 else ChatFormat()
+    # Llama-3's role markers are text around its specials; only single-token markers are added.
+    added = [t for t in chat.special_tokens() if SPECIAL_TOKEN.fullmatch(t) and backend.token_to_id(t) is None]
+    backend.add_special_tokens(added)
+    try:
+        return TextTokenizer(backend, chat), added
+    except ConfigError as exc:
+        raise ModelLoadError(f"{path}: {exc}") from None
+
+
+def grown_rows(table: torch.Tensor, rows: int, new_ids: Sequence[int]) -> torch.Tensor:
+    """`table` grown to `rows` rows; the new rows and those of `new_ids` (tokens just added) are
+    the mean of the original rows, so a new token starts as an average one, not as noise."""
+    if rows == table.shape[0] and not new_ids:
+        return table
+    mean = table.float().mean(dim=0).to(table.dtype)
+    grown = torch.cat([table, mean.expand(rows - table.shape[0], -1)])
+    grown[list(new_ids)] = mean
+    return grown
+
+
+def import_llm(folder: Path, tokenizer: TextTokenizer, added: Sequence[str]) -> tuple[PreTrainedModel, LLMConfig]:
+    """The folder's Llama (weights in their stored dtype, no copy) with rows for the added tokens."""
+    cfg = read_json(folder / "config.json")
+    if cfg.get("model_type") != "llama":
+        raise ModelLoadError(f"{folder}: model_type {cfg.get('model_type')!r} is not 'llama' (the family imported)")
+    tensors = {k: v for k, v in load_safetensors(safetensors_files(folder, "LLM")).items()
+               if not k.endswith("rotary_emb.inv_freq")}  # old checkpoints saved RoPE tables
+    try:
+        config = llm_config_from_official(cfg, tensors)
+    except (EchoXError, KeyError, TypeError, ValueError) as exc:
+        reason = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise ModelLoadError(f"cannot read {folder / 'config.json'}: {reason}") from None
+    if LLM_TABLE not in tensors:
+        raise ModelLoadError(f"{folder}: the weights lack {LLM_TABLE}")
+    ids = tokenizer.backend.get_vocab(with_added_tokens=True)
+    known = 1 + max(i for token, i in ids.items() if token not in added)
+    if known > config.vocab_size:
+        raise ModelLoadError(f"{folder}: tokenizer.json has ids up to {known - 1}, the LLM {config.vocab_size} rows")
+    vocab = max(config.vocab_size, round_up(1 + max(ids.values()), VOCAB_MULTIPLE))
+    new_ids = [tokenizer.special_id(token) for token in added]
+    tensors[LLM_TABLE] = grown_rows(tensors[LLM_TABLE], vocab, new_ids)
+    head = tensors[LLM_TABLE] if config.tie_word_embeddings else grown_rows(tensors[LLM_HEAD], vocab, new_ids)
+    tensors[LLM_HEAD] = head
+    config = config.replace(vocab_size=vocab)
+    with torch.device("meta"):  # the loaded tensors become the weights: no random init, no copy
+        model = build_llm(config)
+    load_weights(model, tensors, folder)
+    return model, config
+
+
+def load_weights(model: PreTrainedModel, tensors: Mapping[str, torch.Tensor], folder: Path) -> None:
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    problem = f"missing {missing[:5]}, unexpected {unexpected[:5]}" if missing or unexpected else ""
+    if not problem:
+        try:
+            model.load_state_dict(tensors, strict=True, assign=True)
+        except RuntimeError as exc:  # shapes that disagree with config.json
+            problem = str(exc).strip().splitlines()[-1].strip()
+    if problem:
+        raise ModelLoadError(f"{folder}: the weights do not fit its config.json: {problem}")
+    if model.config.tie_word_embeddings:
+        model.tie_weights()  # one parameter again (assign made two of the same tensor)
+
+
+def import_run(ctx: StageContext, settings: LMSettings) -> dict[str, Any]:
+    """The `import` path: converts the HF folder into this stage's outputs, training nothing."""
+    folder = import_folder(settings.import_dir)
+    check_llm_folder(folder)
+    ctx.reporter.start("lm", 1, "model")
+    tokenizer, added = import_tokenizer(folder)
+    model, config = import_llm(folder, tokenizer, added)
+    save_part(ctx.out, "llm", model, config)
+    tokenizer.save(ctx.out / TOKENIZER_FILE)
+    save_chat_format(ctx.out, tokenizer.chat)
+    ctx.reporter.advance(1)
+    ctx.reporter.log(f"lm: imported {folder}, added tokens {added}")
+    return {
+        "imported": str(folder),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "tokenizer_vocab_size": tokenizer.vocab_size,
+        "model_vocab_size": config.vocab_size,
+        "added_tokens": added,
+        "chat_format": "echox" if tokenizer.chat == ChatFormat() else "llama3",
+    }
 
 
 def optimizer_step(
@@ -298,9 +489,11 @@ def train_steps(
 
 def run(ctx: StageContext) -> dict[str, Any]:
     settings = LMSettings.from_mapping(ctx.settings)
+    torch.set_num_threads(settings.threads)
+    if settings.import_dir:
+        return import_run(ctx, settings)
     if ctx.facts is None:
         raise ConfigError("stage lm needs the fact base (the recipe's `facts`)")
-    torch.set_num_threads(settings.threads)
     facts, templates = load_facts(ctx.facts), load_templates(ctx.facts)
     if settings.limit_facts:
         facts = facts[: settings.limit_facts]

@@ -33,7 +33,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
     ctx.reporter.start(ctx.stage, total=1, unit="model")
     source = next((stage for stage in MODEL_STAGES if is_done(ctx.run_dir, stage)), None)
     # Loaded (or assembled) and written once, in the storage type asked for.
-    echox = EchoX.from_pretrained(ctx.run_dir / source / MODEL_DIR) if source else assemble_parts(ctx.run_dir, ctx.seed)
+    if source:
+        echox = EchoX.from_pretrained(ctx.run_dir / source / MODEL_DIR)
+    else:
+        echox = assemble_parts(ctx.run_dir, ctx.seed, preset=ctx.preset)
     folder = echox.save_pretrained(ctx.out, weights_dtype=WEIGHT_DTYPES[dtype_name])
     ctx.reporter.advance(1)
     return {

@@ -428,7 +428,7 @@ def train_steps(
     if not parallel.replicas_agree(state_module):
         raise RuntimeError("s2t: the training processes ended with different weights")
     return {"steps_done": step, "train_seconds": round(elapsed, 1), "stopped_by_time": step < settings.steps,
-            "processes": parallel.world_size}
+            "processes": parallel.world_size, "device": parallel.device.type}
 
 
 _CURVES = ("loss", "answer_ce", "ctc", "answer_token_accuracy", "kept_per_token")
@@ -453,7 +453,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if ctx.facts is None:
         raise ConfigError("stage s2t needs the fact base (the recipe's `facts`)")
     torch.set_num_threads(settings.threads)
-    echox = assemble_parts(ctx.run_dir, ctx.seed)
+    echox = assemble_parts(ctx.run_dir, ctx.seed, preset=ctx.preset)
     model, tokenizer = echox.model, echox.tokenizer
     patch_id = tokenizer.audio_patch_id
     if settings.ctc_head_from_embeddings:

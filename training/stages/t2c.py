@@ -42,6 +42,7 @@ from echox.models.presets import get_preset
 from echox.tokenizer import ChatFormat, TextTokenizer
 from echox.units.codec import UnitLanguageCodec
 from training.stage import MetricsLog, StageContext, load_training_state, save_training_state
+from training.stages.lm import load_lm_tokenizer
 
 IGNORE_INDEX = -100
 PART_NAME = "echo_decoder"
@@ -67,7 +68,7 @@ class T2CSettings:
     grad_clip: float = 1.0
     eval_every: int = 200
     checkpoint_every: int = 200
-    max_minutes: float = 8.0  # a safety stop: the run ends early (and says so) past this
+    max_minutes: float = 8.0  # a safety stop: the run ends early (and says so) past this; 0: none
     sentence_pieces: bool = True
     questions: bool = True  # every question phrasing of the fact base, said in the agent voice
     word_repeats: int = 0  # phrases in which each fact-base word is heard this often (0: none)
@@ -267,7 +268,9 @@ class TextSide:
 
 
 def load_text_side(lm_dir: Path, chat: ChatFormat | None = None) -> TextSide:
-    tokenizer = TextTokenizer.load(lm_dir / "tokenizer.json", chat or ChatFormat())
+    """The lm stage's tokenizer (in `chat`, else the prompt format saved beside it) and frozen
+    input table."""
+    tokenizer = TextTokenizer.load(lm_dir / "tokenizer.json", chat) if chat else load_lm_tokenizer(lm_dir)
     llm_config = read_part_config(lm_dir, "llm", LLMConfig)
     llm = build_llm(llm_config)
     load_part_weights(lm_dir, "llm", llm)
@@ -294,10 +297,10 @@ def new_decoder(config: EchoDecoderConfig, table: torch.Tensor) -> EchoDecoder:
 def batch_loss(decoder: EchoDecoder, batch: T2CBatch, table: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     """Mean CE over unit/stop targets; also (correct, count) of argmax over the ids inference
     may choose (unit ids and the stop id)."""
-    embeds = decoder.embed(batch.input_ids, table)
-    logits, _ = decoder(embeds, attention_mask=batch.attention_mask)
+    embeds = decoder.embed(batch.input_ids.to(table.device), table)
+    logits, _ = decoder(embeds, attention_mask=batch.attention_mask.to(table.device))
     flat_logits = logits.reshape(-1, logits.shape[-1])
-    flat_labels = batch.labels.reshape(-1)
+    flat_labels = batch.labels.reshape(-1).to(table.device)
     loss = torch.nn.functional.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX)
     with torch.no_grad():
         keep = flat_labels != IGNORE_INDEX
@@ -424,7 +427,7 @@ def train_decoder(
     decoder.train()
     while step < settings.steps:
         ctx.check_cancelled()
-        if time.perf_counter() - started > settings.max_minutes * 60:
+        if 0 < settings.max_minutes * 60 < time.perf_counter() - started:
             stopped_early = True
             ctx.reporter.log(f"t2c: time budget of {settings.max_minutes} min reached at step {step}")
             break
@@ -485,9 +488,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
     ctx.reporter.log(f"t2c: {len(rows)} answers and {len(extra)} rendered segments")
     examples = build_examples(rows, text.tokenizer, codec, extra, render, ctx.out / PIECES_FILE)
     config = decoder_config(ctx.preset, text.llm_config, codec)
-    decoder = new_decoder(config, text.table)
+    device = ctx.parallel.device  # a GPU under torchrun when there is one (the large presets)
+    text = dataclasses.replace(text, table=text.table.to(device))
+    decoder = new_decoder(config, text.table).to(device)
     result = train_decoder(ctx, decoder, examples, text, settings)
-    save_part(ctx.out, PART_NAME, decoder, config)
+    save_part(ctx.out, PART_NAME, decoder.cpu(), config)
     return _summary(result, examples, decoder)
 
 

@@ -75,7 +75,7 @@ class VocoderSettings:
     duration_batch: int = 16  # whole answers per step for the duration predictor
     log_every: int = 25
     checkpoint_every: int = 250
-    max_minutes: float = 8.0  # a safety stop: the run ends early (and says so) past this
+    max_minutes: float = 8.0  # a safety stop: the run ends early (and says so) past this; 0: none
     threads: int | None = None  # torch threads while training (None: leave torch's default)
     judge: bool = True  # score dev resyntheses with Whisper tiny.en (needs faster-whisper)
     judge_limit: int | None = None  # judge only the first N dev answers
@@ -360,7 +360,7 @@ def train_vocoder(
             save_training_state(state_dir, model, optimizer, step)
             metrics.save()
             ctx.check_cancelled()
-        if time.perf_counter() - started > settings.max_minutes * 60:
+        if 0 < settings.max_minutes * 60 < time.perf_counter() - started:
             stopped_early = True
             ctx.reporter.log(f"vocoder: time budget of {settings.max_minutes} min reached at step {step}")
             break
