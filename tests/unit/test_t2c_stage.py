@@ -19,6 +19,7 @@ from echox.tokenizer import byte_level_tokenizer
 from echox.units.codec import UnitLanguageCodec
 from training.stage import DONE_FILE, StageCancelled, StageContext, run_stage
 from training.stages import t2c
+from training.text_data import Fact
 
 NUM_UNITS = 24
 ANSWERS = [
@@ -199,7 +200,7 @@ def test_smoke_run_writes_a_loadable_decoder(tmp_path: Path, renders: list[str])
     assert len(metrics["curves"]["loss"]) == 6 and len(metrics["curves"]["dev_accuracy"]) == 2
     assert (out / "loss.png").stat().st_size > 0
     assert summary["steps"] == 6 and 0.0 <= summary["dev_accuracy"] <= 1.0
-    assert summary["train_examples"] == {"answer": 5, "sentence": 5, "question": 0, "phrase": 0}
+    assert summary["train_examples"] == {"answer": 5, "sentence": 5, "question": 0, "phrase": 0, "variant": 0}
     assert json.loads((out / DONE_FILE).read_text())["steps"] == 6
 
 
@@ -219,6 +220,24 @@ def test_cancelled_run_resumes_to_the_same_weights(tmp_path: Path, renders: list
     b = load_part_weights(resumed / "t2c", "echo_decoder", EchoDecoder(config)).state_dict()
     for name, tensor in a.items():
         torch.testing.assert_close(b[name], tensor, msg=name)
+
+
+def test_answer_variants_swap_key_words_or_slots_and_never_say_a_held_out_answer() -> None:
+    facts = [
+        Fact("c0", "capital", {"country": "France"}, "The capital of France is Paris.", ("Paris",)),
+        Fact("c1", "capital", {"country": "Spain"}, "The capital of Spain is Madrid.", ("Madrid",)),
+        Fact("c2", "capital", {"country": "Italy"}, "The capital of Italy is Rome.", ("Rome",)),
+        Fact("a0", "add", {"a": "two", "b": "two"}, "Two plus two is four.", ("four",)),
+    ]
+    rows = [{"fact_id": f.id, "text": f.answer, "split": "dev" if f.id == "c2" else "train"} for f in facts]
+    variants = t2c.answer_variants(rows, facts, 20, seed=1)
+    assert variants == t2c.answer_variants(rows, facts, 20, seed=1)  # deterministic
+    assert "The capital of France is Rome." in variants and "The capital of Italy is Paris." in variants
+    assert "The capital of Italy is Rome." not in variants  # the held-out answer itself
+    assert not any(v in {f.answer for f in facts} for v in variants)
+    assert all(v.startswith("The capital of") for v in variants)  # "add" has no other fact to swap with
+    assert t2c.swap_words("Paris, not Parisian.", ["Paris"], ["Rome"]) == "Rome, not Parisian."
+    assert t2c.swap_words("a b", ["a", "b"], ["b", "a"]) == "b a"  # swaps do not chain
 
 
 def test_vocabulary_phrases_cover_every_word() -> None:

@@ -43,12 +43,13 @@ from echox.tokenizer import ChatFormat, TextTokenizer
 from echox.units.codec import UnitLanguageCodec
 from training.stage import MetricsLog, StageContext, load_training_state, save_training_state
 from training.stages.lm import load_lm_tokenizer
+from training.text_data import Fact
 
 IGNORE_INDEX = -100
 PART_NAME = "echo_decoder"
 CHECKPOINT_DIR = "checkpoint"
 PIECES_FILE = "pieces.jsonl"  # rendered sentence pieces and phrases, kept so a resume skips them
-SOURCES = ("answer", "sentence", "question", "phrase")
+SOURCES = ("answer", "sentence", "question", "phrase", "variant")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 # Renders texts in one voice and returns each one's deduplicated units.
@@ -72,6 +73,7 @@ class T2CSettings:
     sentence_pieces: bool = True
     questions: bool = True  # every question phrasing of the fact base, said in the agent voice
     word_repeats: int = 0  # phrases in which each fact-base word is heard this often (0: none)
+    answer_variants: int = 0  # per train answer: its key words or slot values swapped for another fact's
     phrase_words: tuple[int, int] = (2, 6)
 
     @classmethod
@@ -202,6 +204,7 @@ class FactTexts:
 
     questions: tuple[str, ...] = ()
     vocabulary: tuple[str, ...] = ()
+    facts: tuple[Fact, ...] = ()
 
     @classmethod
     def load(cls, facts_dir: Path | None) -> FactTexts:
@@ -211,7 +214,7 @@ class FactTexts:
 
         facts, templates = load_facts(facts_dir), load_templates(facts_dir)
         questions = dict.fromkeys(q for fact in facts for q in questions_for(fact, templates))
-        return cls(tuple(questions), tuple(corpus_texts(facts, templates)))
+        return cls(tuple(questions), tuple(corpus_texts(facts, templates)), tuple(facts))
 
 
 def extra_texts(
@@ -228,7 +231,44 @@ def extra_texts(
     if settings.questions:
         extra += [(question, "question") for question in texts.questions]
     phrases = vocabulary_phrases(texts.vocabulary, settings.word_repeats, settings.phrase_words, seed)
-    return extra + [(phrase, "phrase") for phrase in phrases]
+    variants = answer_variants(rows, texts.facts, settings.answer_variants, seed)
+    return extra + [(phrase, "phrase") for phrase in phrases] + [(text, "variant") for text in variants]
+
+
+def answer_variants(rows: Sequence[dict[str, Any]], facts: Sequence[Fact], per_answer: int, seed: int) -> list[str]:
+    """Answer-shaped sentences: each TRAIN answer with its key words, or else its slot values,
+    swapped for those of another fact of its category ("The capital of France is Rome."). The
+    decoder hears every answer word in the places answers put it, and never a held-out answer:
+    a variant equal to one is dropped. Deterministic for a seed."""
+    by_id = {fact.id: fact for fact in facts}
+    by_category: dict[str, list[Fact]] = {}
+    for fact in facts:
+        by_category.setdefault(fact.category, []).append(fact)
+    held_out = {row["text"] for row in rows if row["split"] != "train"}
+    rng, variants = random.Random(seed + 17), dict[str, None]()
+    for row in rows:
+        fact = by_id.get(row.get("fact_id", ""))
+        others = [f for f in by_category.get(fact.category, []) if f.id != fact.id] if fact else []
+        if row["split"] != "train" or fact is None or not others:
+            continue
+        for _ in range(per_answer):
+            other = rng.choice(others)
+            if rng.random() < 0.5:
+                text = swap_words(row["text"], fact.key, other.key)
+            else:
+                text = swap_words(row["text"], list(fact.slots.values()), [other.slots.get(k, "") for k in fact.slots])
+            if text != row["text"] and text not in held_out:
+                variants[text] = None
+    return list(variants)
+
+
+def swap_words(text: str, old: Sequence[str], new: Sequence[str]) -> str:
+    """`text` with each whole-word `old[i]` replaced by `new[i]` (all at once, so swaps can't chain)."""
+    pairs = {o: n for o, n in zip(old, new, strict=False) if o and n}
+    if not pairs:
+        return text
+    pattern = re.compile(r"\b(" + "|".join(re.escape(o) for o in sorted(pairs, key=len, reverse=True)) + r")\b")
+    return pattern.sub(lambda match: pairs[match.group(0)], text)
 
 
 def build_examples(
