@@ -438,7 +438,7 @@ def check_command(cmd: list[str], where: str, flags: set[str]) -> None:
     elif program == "torchrun":
         assert find_module("torch.distributed.run") is not None
         module = rest[rest.index("-m") + 1]
-        assert module == "echox.cli.main" and find_module(module) is not None
+        assert module == "echox" and find_module("echox.__main__") is not None
         assert rest[rest.index("-m") + 2] == "train"  # a subcommand of `echox` (training/cli.py registers it)
         assert 'add_parser("train"' in (REPO_ROOT / "training/cli.py").read_text()
     elif program == "echox-healthcheck":  # without a mode: ECHOX_HEALTHCHECK's
