@@ -99,13 +99,6 @@ class Parallel:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return float(tensor.item())
 
-    def mean(self, value: float) -> float:
-        if not self.active:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64, device=self._collective_device)
-        dist.all_reduce(tensor)
-        return float(tensor.item()) / self.world_size
-
     def replicas_agree(self, module: nn.Module) -> bool:
         """Whether every rank holds the same weights (a bug in sharding or syncing shows up here
         as ranks that drifted apart): compares a fingerprint of the parameters across ranks."""

@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from echox.errors import ConfigError
-from training.distributed import SINGLE, Parallel, main_first
 
 if TYPE_CHECKING:  # torch loads when a stage trains, not when the CLI starts
     import torch
+
+    from training.distributed import Parallel
 
 DONE_FILE = "DONE"
 METRICS_FILE = "metrics.json"
@@ -61,6 +62,12 @@ class StageCancelled(Exception):
     """Raised inside a stage when its job was cancelled; the last checkpoint stays usable."""
 
 
+def _one_process() -> Parallel:
+    from training.distributed import SINGLE  # imports torch: only once a stage runs
+
+    return SINGLE
+
+
 @dataclasses.dataclass
 class StageContext:
     """Everything a stage needs: where to read and write, its settings, and how to report."""
@@ -73,7 +80,7 @@ class StageContext:
     reporter: Reporter = dataclasses.field(default_factory=SilentReporter)
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
     seed: int = 0
-    parallel: Parallel = SINGLE  # torchrun's ranks (training.distributed); one process by default
+    parallel: Parallel = dataclasses.field(default_factory=_one_process)  # torchrun's ranks
 
     @property
     def out(self) -> Path:
@@ -107,6 +114,7 @@ def run_stage(fn: StageFn, ctx: StageContext) -> dict[str, Any]:
     """Runs one stage unless it already finished; records its wall time and result. Under
     torchrun a data-parallel stage runs on every rank, any other on rank 0 alone while the rest
     wait; rank 0 writes the record."""
+    from training.distributed import main_first
     from training.stages import DATA_PARALLEL
 
     done = ctx.out / DONE_FILE
