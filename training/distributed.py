@@ -58,11 +58,9 @@ class DistributedSettings:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> DistributedSettings:
-        names = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ConfigError(f"distributed: unknown keys {unknown}; known: {sorted(names)}")
-        return cls(**values)
+        from training.stage import settings_kwargs
+
+        return cls(**settings_kwargs(cls, values, "distributed"))
 
 
 @dataclasses.dataclass(frozen=True)
