@@ -6,13 +6,13 @@ voice (one of the split's voices) drawn from (seed, fact id), rate and pitch dra
 synth stage draws them. With the recipe's seed the clean questions are the corpus's rendition r0.
 
 Every question is answered by `StreamingResponder`, the path `echox respond` takes, under each
-condition: clean, 20 dB SNR noise (`training.augment.add_noise`), and the slowest and fastest
-speaking rates of voices.json. A turn is right in text (S2T) when its answer text holds the fact's
-key words, and in speech (S2S) when the judge (Whisper tiny.en) hears them in the spoken answer.
-S2S is read against the judge's share on espeak-ng renderings of the reference answers in the
-agent voice (the judge does not hear all of those either). The streaming figures (tokens before
-the first segment cut, time to first text and audio, real-time factor, unit compression of the
-generated units) come from the clean turns.
+condition: clean, 20 dB SNR noise (`training.augment.add_noise`), the slowest and fastest speaking
+rates of voices.json, the phone band (8 kHz μ-law) and a 0.5 s pause before the question. A turn
+is right in text (S2T) when its answer text holds the fact's key words, and in speech (S2S) when
+the judge (Whisper tiny.en) hears them in the spoken answer. S2S is read against the judge's share
+on espeak-ng renderings of the reference answers in the agent voice (the judge does not hear all
+of those either). The streaming figures (tokens before the first segment cut, time to first text
+and audio, real-time factor, unit compression of the generated units) come from the clean turns.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from training.judge import has_key_words
 from training.stages.synth import FactBase, Rendition, limit_facts, question_renditions
 
 NOISE_SNR_DB = 20.0
+PAUSE_S = 0.5  # long enough that a model trained only on clips starting at the first word drops it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,12 +57,15 @@ class EvalQuestion:
 
 @dataclasses.dataclass(frozen=True)
 class Condition:
-    """How a question is spoken: at its own rate (or a fixed one), with or without noise."""
+    """How a question is spoken: at its own rate (or a fixed one), with or without noise, over a
+    phone line or not, after a pause or not."""
 
     name: str
     label: str
     rate_wpm: int | None = None
     snr_db: float | None = None
+    phone: bool = False  # 8 kHz G.711 μ-law and back, as a phone call carries it
+    pause_s: float = 0.0  # silence before the question, as a caller who pauses first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,13 +128,16 @@ def eval_questions(base: FactBase, split: str, seed: int, limit: int | None) -> 
 
 
 def conditions(voices: Mapping[str, Any]) -> list[Condition]:
-    """Clean, 20 dB SNR noise, and the slowest and fastest speaking rates of voices.json."""
+    """Clean, 20 dB SNR noise, the slowest and fastest speaking rates of voices.json, the phone
+    band, and a pause before the question."""
     slowest, fastest = (int(x) for x in voices["rate_wpm"])
     return [
         Condition("clean", "clean"),
         Condition("noise", f"noise {NOISE_SNR_DB:g} dB SNR", snr_db=NOISE_SNR_DB),
         Condition("rate_min", f"rate {slowest} wpm", rate_wpm=slowest),
         Condition("rate_max", f"rate {fastest} wpm", rate_wpm=fastest),
+        Condition("phone", "phone band (8 kHz μ-law)", phone=True),
+        Condition("pause", f"{PAUSE_S:g} s pause first", pause_s=PAUSE_S),
     ]
 
 
@@ -142,6 +149,14 @@ def question_audio(question: EvalQuestion, condition: Condition, seed: int) -> F
         from training.augment import add_noise
 
         audio = add_noise(audio, condition.snr_db, np.random.default_rng(_stable_seed(seed, question.id)))
+    if condition.pause_s:
+        from training.augment import pad_silence
+
+        audio = pad_silence(audio, condition.pause_s, 0.0)
+    if condition.phone:
+        from training.augment import phone_band
+
+        audio = phone_band(audio)
     return audio
 
 

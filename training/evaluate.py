@@ -1,11 +1,11 @@
 """`echox eval`: how well a model answers and speaks, judged by an ASR the project did not train.
 
 The whole model is measured on spoken questions it synthesizes itself (training/eval_questions.py:
-S2T and S2S accuracy, clean, in noise and at the extreme speaking rates, against the judge's share
-on reference answers; streaming figures). With `--run`, the speaking half (stage II and the
-vocoder) is also measured on the recorded agent answers of a training run's corpus
-(`RUN/synth/answers.jsonl`, one split) and their units (`RUN/units/`): the share of answers
-whose key words the judge (Whisper tiny.en, `training.judge`) hears in
+S2T and S2S accuracy, clean, in noise, at the extreme speaking rates, over the phone band and
+after a pause, against the judge's share on reference answers; streaming figures). With `--run`,
+the speaking half (stage II and the vocoder) is also measured on the recorded agent answers of a
+training run's corpus (`RUN/synth/answers.jsonl`, one split) and their units (`RUN/units/`): the
+share of answers whose key words the judge (Whisper tiny.en, `training.judge`) hears in
 
 - `original`: the espeak-ng recording itself (the ceiling the other shares are compared with),
 - `resynth`: the model's vocoder speaking the answer's own deduplicated units, durations

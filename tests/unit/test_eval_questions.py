@@ -95,11 +95,23 @@ def test_one_dev_question_per_fact_deterministic_and_covering_the_categories() -
     assert {q.voice for q in eval_questions(base, "train", 1234, 12)} <= set(base.voices["train"])
 
 
-def test_conditions_cover_noise_and_the_extreme_rates() -> None:
+def test_conditions_cover_noise_the_extreme_rates_the_phone_band_and_a_pause() -> None:
     found = {c.name: c for c in conditions(VOICES)}
-    assert list(found) == ["clean", "noise", "rate_min", "rate_max"]
+    assert list(found) == ["clean", "noise", "rate_min", "rate_max", "phone", "pause"]
     assert found["noise"].snr_db == 20.0 and found["noise"].rate_wpm is None
     assert (found["rate_min"].rate_wpm, found["rate_max"].rate_wpm) == (130, 190)
+    assert found["phone"].phone and not found["clean"].phone and found["pause"].pause_s == 0.5
+
+
+def test_phone_and_pause_conditions_change_the_audio_as_named() -> None:
+    question = eval_questions(FactBase(FACTS, TEMPLATES, VOICES), "dev", seed=7, limit=1)[0]
+    clean, phone, pause = (question_audio(question, found, seed=7) for found in
+                           (c for c in conditions(VOICES) if c.name in ("clean", "phone", "pause")))
+    assert pause.size == clean.size + 8000 and not pause[:8000].any()
+    np.testing.assert_array_equal(pause[8000:], clean)
+    assert phone.size == clean.size
+    band = np.abs(np.fft.rfft(phone))[int(phone.size * 4200 / 16000):]  # above 4.2 kHz: nothing carried
+    assert band.max() < 0.01 * np.abs(np.fft.rfft(clean)).max()
 
 
 def test_question_audio_is_deterministic_with_noise_at_20_db() -> None:
@@ -171,7 +183,7 @@ def test_evaluate_questions_judges_references_and_every_condition() -> None:
     report = evaluate_questions(
         paris_turns, judge, questions, VOICES, UnitLanguageCodec.identity(8), 3, lambda: ticks.append(1)
     )
-    assert len(heard) == 8 and len(judge.clips) == 2 + 8 and len(ticks) == 10
+    assert len(heard) == 2 * 6 and len(judge.clips) == 2 + 2 * 6 and len(ticks) == 2 + 2 * 6  # 6 conditions
     assert report["reference"] == 0.5  # f1's key is heard, f2's "eight" is not
     for figures in report["accuracy"].values():
         assert (figures["s2t"], figures["s2s"], figures["s2s_vs_reference"]) == (0.5, 0.5, 1.0)
@@ -197,12 +209,12 @@ def test_eval_command_end_to_end_on_a_random_init_model(
     report = json.loads(capsys.readouterr().out)
     assert report["questions"] == 2 and report["split"] == "dev" and report["reference"] == 0.5
     assert {name: figures["turns"] for name, figures in report["accuracy"].items()} == dict.fromkeys(
-        ("clean", "noise", "rate_min", "rate_max"), 2
+        ("clean", "noise", "rate_min", "rate_max", "phone", "pause"), 2
     )
     assert report["accuracy"]["clean"]["s2s"] == 0.5  # the stand-in hears "paris" in every answer
     assert report["streaming"]["compression_held_out"] == 1.0  # the random model's identity codec
     assert report["speaking"]["answers"] == 2 and report["speaking"]["shares"]["original"] == 0.5
-    assert len(judges[0].clips) == 2 + 2 * 4 + 2 * 4  # references, turns, speaking half
+    assert len(judges[0].clips) == 2 + 2 * 6 + 2 * 4  # references, turns, speaking half
     assert len(list((tmp_path / "samples").glob("*.clean.wav"))) == 2
     table = format_report(report)
     assert main([*argv, "--limit", "0"]) == 2 and "--limit must be at least 1" in capsys.readouterr().err
