@@ -23,6 +23,7 @@ from echox.models.speech_encoder import SpeechEncoder, SpeechEncoderConfig
 from echox.models.vocoders import build_vocoder
 from echox.tokenizer import ChatFormat
 from echox.units.codec import UnitLanguageCodec
+from services.common.settings import get_settings
 from tests.unit.conftest import micro_config
 from tests.unit.test_lm_stage import FACTS, SMOKE_SETTINGS
 from training.assemble import assemble_parts
@@ -135,7 +136,11 @@ def test_imported_tokenizer_speaks_the_llama3_chat_format(imported: tuple[Path, 
 def test_a_tokenizer_without_llama3_headers_gets_our_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_llama(tmp_path / "pretrained" / "llama", tied=True, specials=[])
     monkeypatch.setenv("ECHOX_DATA_ROOT", str(tmp_path))
-    result = run_import(tmp_path / "run", "lm", Path("pretrained/llama"))  # relative: under the data root
+    get_settings.cache_clear()  # an earlier test may have read the settings of this process
+    try:
+        result = run_import(tmp_path / "run", "lm", Path("pretrained/llama"))  # relative: under the data root
+    finally:
+        get_settings.cache_clear()
     assert result["imported"] == str(tmp_path / "pretrained" / "llama")
     assert result["chat_format"] == "echox"
     assert result["added_tokens"] == ["<|pad|>", "<|bos|>", "<|end|>", "<|user|>", "<|assistant|>", "<audio_patch>"]
