@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from echox.espeak import speak
-from services.gateway.bench_ws import TwilioCaller, embedded_stack, new_session
+from services.gateway.bench_ws import TwilioCaller, Utterance, embedded_stack, new_session
 
 pytestmark = pytest.mark.integration
 
@@ -54,14 +54,20 @@ async def call(base_url: str) -> tuple[TwilioCaller, str]:
     return TwilioCaller(base_url.replace("http", "ws", 1) + "/twilio", session["token"]), session["session_id"]
 
 
+async def ask(caller: TwilioCaller, question: np.ndarray) -> Utterance:
+    """Speaks `question` half a second into the call; returns it once its last frame is sent."""
+    await asyncio.sleep(0.5)
+    asked = caller.say(question)
+    await caller.wait_for(lambda: asked.end_sent_at is not None, 30, "the question sent")
+    return asked
+
+
 async def test_a_spoken_question_gets_a_spoken_answer_with_marks(base_url: str, question: np.ndarray) -> None:
     from training.judge import Judge, normalize
 
     caller, session_id = await call(base_url)
     async with caller:
-        await asyncio.sleep(0.5)
-        asked = caller.say(question)
-        await caller.wait_for(lambda: asked.end_sent_at is not None, 30, "the question sent")
+        asked = await ask(caller, question)
         assert asked.end_sent_at is not None
         await caller.wait_answer_played(asked.end_sent_at, timeout_s=90)
         first = caller.first_media_after(asked.end_sent_at)
@@ -86,9 +92,7 @@ async def test_a_spoken_question_gets_a_spoken_answer_with_marks(base_url: str, 
 async def test_speaking_over_the_answer_gets_a_clear_and_a_new_answer(base_url: str, question: np.ndarray) -> None:
     caller, _ = await call(base_url)
     async with caller:
-        await asyncio.sleep(0.5)
-        asked = caller.say(question)
-        await caller.wait_for(lambda: asked.end_sent_at is not None, 30, "the question sent")
+        asked = await ask(caller, question)
         await caller.wait_for(lambda: caller.first_media_after(asked.end_sent_at or 0) is not None, 90, "answer audio")
         interruption = caller.say(question)
         await caller.wait_for(lambda: bool(caller.clears), 30, "clear")

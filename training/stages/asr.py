@@ -63,7 +63,7 @@ from echox.models.speech_encoder import SAMPLES_PER_STATE, SpeechEncoder, Speech
 from echox.tokenizer import TextTokenizer
 from training.augment import AugmentSettings, augment
 from training.stage import MetricsLog, StageContext, load_training_state, save_training_state, settings_kwargs
-from training.stages.lm import epoch_batches, import_folder, load_lm_tokenizer
+from training.stages.lm import epoch_batches, import_folder, import_setting, load_lm_tokenizer, load_weights
 
 PART_NAME = "speech_encoder"
 CHECKPOINT_DIR = "checkpoint"
@@ -106,10 +106,7 @@ class ASRSettings:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> ASRSettings:
-        values = dict(values)
-        if "import" in values:  # a Python keyword, so the field has another name
-            values["import_dir"] = str(values.pop("import") or "")
-        settings = cls(**settings_kwargs(cls, values, "settings.asr"))
+        settings = cls(**settings_kwargs(cls, import_setting(values), "settings.asr"))
         settings_kwargs(SpeechEncoderConfig, settings.encoder_overrides, "settings.asr.encoder_overrides")
         if settings.import_dir and settings.encoder_overrides:
             raise ConfigError("settings.asr: encoder_overrides shape an encoder trained here, not an imported one")
@@ -508,10 +505,7 @@ def import_encoder(ctx: StageContext, folder: Path) -> dict[str, Any]:
     config = config.replace(trim_to_audio=get_preset(ctx.preset).encoder.trim_to_audio)
     with torch.device("meta"):  # the loaded tensors become the weights: no random init, no copy
         encoder = SpeechEncoder(config)
-    try:
-        encoder.whisper.load_state_dict(tensors, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise ModelLoadError(f"{folder}: the weights do not fit its config.json: {str(exc).strip()[:500]}") from None
+    load_weights(encoder.whisper, tensors, folder)
     save_part(ctx.out, PART_NAME, encoder, config)
     ctx.reporter.log(f"asr: imported the Whisper encoder of {folder}")
     return {

@@ -101,16 +101,22 @@ class LMSettings:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> LMSettings:
-        values = dict(values)
-        if "import" in values:  # a Python keyword, so the field has another name
-            values["import_dir"] = str(values.pop("import") or "")
-        settings = cls(**settings_kwargs(cls, values, "settings.lm"))
+        settings = cls(**settings_kwargs(cls, import_setting(values), "settings.lm"))
         overrides = settings_kwargs(LLMConfig, settings.llm_overrides, "settings.lm.llm_overrides")
         if "vocab_size" in overrides:
             raise ConfigError("settings.lm.llm_overrides: vocab_size follows the tokenizer (settings.lm.vocab_size)")
         if settings.import_dir and overrides:
             raise ConfigError("settings.lm: llm_overrides shape a model trained from scratch, not an imported one")
         return settings
+
+
+def import_setting(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A stage's settings with the recipe's `import` key as `import_dir` (`import` is a Python
+    keyword, so the settings field has another name)."""
+    renamed = dict(values)
+    if "import" in renamed:
+        renamed["import_dir"] = str(renamed.pop("import") or "")
+    return renamed
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -247,7 +253,7 @@ def learn_or_load_tokenizer(ctx: StageContext, settings: LMSettings, texts: Sequ
     """The tokenizer of this run: learned once and saved first, so a resumed run reuses it."""
     path = ctx.out / TOKENIZER_FILE
     if path.is_file():
-        return TextTokenizer.load(path, ChatFormat())
+        return load_lm_tokenizer(ctx.out)
     tokenizer = train_text_tokenizer(texts, settings.vocab_size, ChatFormat(), settings.min_frequency)
     tokenizer.save(path)
     save_chat_format(ctx.out, tokenizer.chat)
@@ -376,10 +382,14 @@ def import_llm(folder: Path, tokenizer: TextTokenizer, added: Sequence[str]) -> 
     with torch.device("meta"):  # the loaded tensors become the weights: no random init, no copy
         model = build_llm(config)
     load_weights(model, tensors, folder)
+    if config.tie_word_embeddings:
+        model.tie_weights()  # one parameter again (assign made two of the same tensor)
     return model, config
 
 
-def load_weights(model: PreTrainedModel, tensors: Mapping[str, torch.Tensor], folder: Path) -> None:
+def load_weights(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], folder: Path) -> None:
+    """`tensors` as the weights of `model` (built on the meta device: assigned, not copied); a
+    ModelLoadError naming what does not fit the folder's config.json."""
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     problem = f"missing {missing[:5]}, unexpected {unexpected[:5]}" if missing or unexpected else ""
@@ -390,8 +400,6 @@ def load_weights(model: PreTrainedModel, tensors: Mapping[str, torch.Tensor], fo
             problem = str(exc).strip().splitlines()[-1].strip()
     if problem:
         raise ModelLoadError(f"{folder}: the weights do not fit its config.json: {problem}")
-    if model.config.tie_word_embeddings:
-        model.tie_weights()  # one parameter again (assign made two of the same tensor)
 
 
 def import_run(ctx: StageContext, settings: LMSettings) -> dict[str, Any]:
