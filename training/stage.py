@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -104,6 +105,22 @@ class StageContext:
 
 
 StageFn = Callable[[StageContext], Mapping[str, Any]]
+
+
+def schedule_progress(step: int, steps: int, elapsed_s: float, max_minutes: float) -> float:
+    """How far a training loop is through its schedule: the larger of steps done / `steps` and
+    training time / `max_minutes` (0: no time cap). A time-capped run on a slow or busy machine
+    so ends with its learning rate fully decayed instead of being cut off near the peak."""
+    by_time = elapsed_s / (60.0 * max_minutes) if max_minutes > 0 else 0.0
+    return max(step / max(1, steps), by_time)
+
+
+def warmup_cosine(step: int, warmup_steps: int, progress: float, min_ratio: float) -> float:
+    """The learning rate's factor of its peak: linear warmup over `warmup_steps`, then a cosine
+    from 1 down to `min_ratio` as `progress` (schedule_progress) goes from 0 to 1."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def is_done(run_dir: Path, stage: str) -> bool:

@@ -12,7 +12,7 @@ import torch
 from echox.checkpoint import load_part_weights, read_part_config
 from echox.models.llm import LLMConfig, build_llm
 from echox.tokenizer import ChatFormat, TextTokenizer, Turn
-from training.stage import DONE_FILE, StageCancelled, StageContext, run_stage
+from training.stage import DONE_FILE, StageCancelled, StageContext, run_stage, schedule_progress, warmup_cosine
 from training.stages import lm
 from training.text_data import (
     IGNORE_INDEX,
@@ -142,12 +142,13 @@ def test_batched_greedy_decoding_matches_one_at_a_time(tokenizer: TextTokenizer)
     assert all(len(a) == 6 or tokenizer.eos_id not in a for a in batched)
 
 
-def test_learning_rate_warms_up_then_decays() -> None:
-    settings = lm.LMSettings(lr=1.0, warmup=4, steps=100, min_lr_ratio=0.1)
-    assert lm.lr_at(settings, 0, 0.0) == pytest.approx(0.25)
-    assert lm.lr_at(settings, 4, 0.0) == pytest.approx(1.0)
-    assert lm.lr_at(settings, 99, 1.0) == pytest.approx(0.1)
-    assert lm.training_progress(lm.LMSettings(steps=100, time_limit_s=10), 10, 5.0) == pytest.approx(0.5)
+def test_learning_rate_warms_up_then_decays_by_steps_or_time() -> None:
+    assert warmup_cosine(0, 4, 0.0, 0.1) == pytest.approx(0.25)
+    assert warmup_cosine(4, 4, 0.0, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(50, 4, 0.5, 0.1) == pytest.approx(0.55)
+    assert warmup_cosine(99, 4, 1.0, 0.1) == pytest.approx(0.1)
+    assert schedule_progress(10, 100, 5.0, 10 / 60) == pytest.approx(0.5)  # half the time, a tenth of the steps
+    assert schedule_progress(10, 100, 5.0, 0) == pytest.approx(0.1)  # no time cap
 
 
 def test_epoch_batches_cover_every_example_once() -> None:

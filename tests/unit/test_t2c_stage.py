@@ -222,6 +222,14 @@ def test_cancelled_run_resumes_to_the_same_weights(tmp_path: Path, renders: list
         torch.testing.assert_close(b[name], tensor, msg=name)
 
 
+def test_time_cap_ends_the_schedule_and_says_so(tmp_path: Path, renders: list[str]) -> None:
+    make_run(tmp_path)
+    summary = run_stage(t2c.run, context(tmp_path, {**SMOKE, "max_minutes": 1e-6}))  # ends after one step
+    assert summary["steps"] == 1 and summary["stopped_early"] is True
+    state = json.loads((tmp_path / "t2c" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 1 and state["extra"]["elapsed_s"] > 0
+
+
 def test_answer_variants_swap_key_words_or_slots_and_never_say_a_held_out_answer() -> None:
     facts = [
         Fact("c0", "capital", {"country": "France"}, "The capital of France is Paris.", ("Paris",)),

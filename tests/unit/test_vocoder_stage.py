@@ -264,3 +264,12 @@ def test_stage_resumes_after_a_cancel(units_run: Path, tmp_path: Path) -> None:
     assert summary["steps"] == 6
     steps = [step for step, _ in json.loads((run_dir / "vocoder" / METRICS_FILE).read_text())["curves"]["loss"]]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_time_cap_ends_the_schedule_and_says_so(units_run: Path, tmp_path: Path) -> None:
+    run_dir = _copy_inputs(units_run, tmp_path)
+    settings = _settings(steps=50, max_minutes=1e-6)  # the cap ends training after its first step
+    summary = run_stage(vocoder.run, StageContext(run_dir=run_dir, stage="vocoder", settings=settings))
+    assert summary["steps"] == 1 and summary["stopped_early"] is True
+    state = json.loads((run_dir / "vocoder" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 1 and state["extra"]["elapsed_s"] > 0  # a resumed run keeps the spent time

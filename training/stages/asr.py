@@ -33,7 +33,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -62,7 +61,15 @@ from echox.models.speech_adapter import ctc_greedy_ids
 from echox.models.speech_encoder import SAMPLES_PER_STATE, SpeechEncoder, SpeechEncoderConfig
 from echox.tokenizer import TextTokenizer
 from training.augment import AugmentSettings, augment
-from training.stage import MetricsLog, StageContext, load_training_state, save_training_state, settings_kwargs
+from training.stage import (
+    MetricsLog,
+    StageContext,
+    load_training_state,
+    save_training_state,
+    schedule_progress,
+    settings_kwargs,
+    warmup_cosine,
+)
 from training.stages.lm import epoch_batches, import_folder, import_setting, load_lm_tokenizer, load_weights
 
 PART_NAME = "speech_encoder"
@@ -405,19 +412,6 @@ def evaluate(
 # --- training -------------------------------------------------------------------------------------
 
 
-def lr_at(settings: ASRSettings, step: int, progress: float) -> float:
-    """Linear warmup over `warmup` steps, then cosine from lr down to min_lr_ratio·lr."""
-    if step < settings.warmup:
-        return settings.lr * (step + 1) / settings.warmup
-    floor = settings.lr * settings.min_lr_ratio
-    return floor + (settings.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def training_progress(settings: ASRSettings, step: int, elapsed_s: float) -> float:
-    by_time = elapsed_s / (60.0 * settings.max_minutes) if settings.max_minutes > 0 else 0.0
-    return max(step / settings.steps, by_time)
-
-
 @dataclasses.dataclass
 class Trainer:
     """The training loop's state: model, optimizer, data and where it writes."""
@@ -468,14 +462,15 @@ class Trainer:
         if step:
             self.ctx.reporter.log(f"asr: resuming at step {step}")
         started, elapsed = time.perf_counter(), elapsed_before
-        progress, window = training_progress(settings, step, elapsed), []
+        progress, window = schedule_progress(step, settings.steps, elapsed, settings.max_minutes), []
         self.model.train()
         while progress < 1.0:
             self.ctx.check_cancelled()
-            figures = self.step(step, lr_at(settings, step, progress))
+            factor = warmup_cosine(step, settings.warmup, progress, settings.min_lr_ratio)
+            figures = self.step(step, settings.lr * factor)
             step += 1
             elapsed = elapsed_before + time.perf_counter() - started
-            progress = training_progress(settings, step, elapsed)
+            progress = schedule_progress(step, settings.steps, elapsed, settings.max_minutes)
             window.append(figures)
             if step % settings.log_every == 0 or progress >= 1.0:
                 self.metrics.add(step, **{k: float(np.mean([w[k] for w in window])) for k in window[0]})

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -83,7 +82,15 @@ from training.listen_data import (
     plan_renditions,
     sample_clips,
 )
-from training.stage import MetricsLog, StageContext, load_training_state, save_training_state, settings_kwargs
+from training.stage import (
+    MetricsLog,
+    StageContext,
+    load_training_state,
+    save_training_state,
+    schedule_progress,
+    settings_kwargs,
+    warmup_cosine,
+)
 from training.stages.s2t import SpokenForward, answer_ce, forward_spoken
 from training.stages.t2c import IGNORE_INDEX, PIECES_FILE, _allowed_argmax, build_sequence, load_text_side
 from training.text_data import Fact, load_facts
@@ -346,14 +353,6 @@ def speak_samples(echox: EchoX, clips: Sequence[SpokenQuestion], folder: Path) -
 # --- training ------------------------------------------------------------------------------
 
 
-def lr_factor(settings: EchoSettings, step: int, progress: float) -> float:
-    """Linear warmup, then cosine to min_lr_ratio over `progress` (steps or time, the larger)."""
-    if step < settings.warmup:
-        return (step + 1) / settings.warmup
-    floor = settings.min_lr_ratio
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 def trained_modules(model: EchoXModel) -> nn.ModuleDict:
     """The modules this stage trains, as one module (what the checkpoint holds)."""
     return nn.ModuleDict({name: getattr(model, name) for name in TRAINED_MODULES})
@@ -404,14 +403,14 @@ def train_loop(ctx: StageContext, settings: EchoSettings, work: Training) -> dic
     objective = parallel.wrap(EchoObjective(work, settings), find_unused=True)  # an all-empty batch has no units
     state_dir = ctx.out / CHECKPOINT_DIR
     step, extra = load_training_state(state_dir, state_module, optimizer)
-    elapsed_before, budget_s = float(extra.get("elapsed_s", 0.0)), settings.max_minutes * 60 or math.inf
+    elapsed_before = float(extra.get("elapsed_s", 0.0))
     metrics = MetricsLog(ctx.out)
     for name in metrics.curves:  # points logged after the checkpoint will be logged again
         metrics.curves[name] = [p for p in metrics.curves[name] if p[0] <= step]
     ctx.reporter.start(ctx.stage, settings.steps)
     ctx.reporter.advance(step)
     started, elapsed, window = time.perf_counter(), elapsed_before, list[dict[str, float]]()
-    progress = max(step / settings.steps, elapsed / budget_s)
+    progress = schedule_progress(step, settings.steps, elapsed, settings.max_minutes)
     if work.dev and step == 0 and parallel.is_main:  # the starting point: the s2t model, untrained aligner
         with parallel.autocast():
             metrics.add(0, **evaluate(model, work.layout, work.dev_book, work.dev, work.keys, settings))
@@ -419,7 +418,7 @@ def train_loop(ctx: StageContext, settings: EchoSettings, work: Training) -> dic
     while progress < 1.0:
         ctx.check_cancelled()
         for group in optimizer.param_groups:
-            group["lr"] = group["peak_lr"] * lr_factor(settings, step, progress)
+            group["lr"] = group["peak_lr"] * warmup_cosine(step, settings.warmup, progress, settings.min_lr_ratio)
         chosen = parallel.shard(batch_indices(len(work.train), settings.batch_size, ctx.seed, step))
         with parallel.autocast():
             loss, figures = objective([work.train[i] for i in chosen])
@@ -429,7 +428,7 @@ def train_loop(ctx: StageContext, settings: EchoSettings, work: Training) -> dic
         optimizer.step()
         step += 1
         elapsed = elapsed_before + time.perf_counter() - started
-        progress = parallel.agree_max(max(step / settings.steps, elapsed / budget_s))
+        progress = parallel.agree_max(schedule_progress(step, settings.steps, elapsed, settings.max_minutes))
         window.append(figures)
         ctx.reporter.advance(1, loss=figures["loss"])
         if not parallel.is_main:

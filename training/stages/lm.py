@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import random
 import re
 import time
@@ -50,7 +49,15 @@ from echox.models.llm import LLMConfig, build_llm
 from echox.models.presets import get_preset
 from echox.tokenizer import ChatFormat, TextTokenizer, Turn
 from training.judge import has_key_words
-from training.stage import MetricsLog, StageContext, load_training_state, save_training_state, settings_kwargs
+from training.stage import (
+    MetricsLog,
+    StageContext,
+    load_training_state,
+    save_training_state,
+    schedule_progress,
+    settings_kwargs,
+    warmup_cosine,
+)
 from training.text_data import (
     IGNORE_INDEX,
     ChatExample,
@@ -121,20 +128,6 @@ def import_setting(values: Mapping[str, Any]) -> dict[str, Any]:
 
 def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
-
-
-def lr_at(settings: LMSettings, step: int, progress: float) -> float:
-    """Linear warmup over `warmup` steps, then cosine from lr down to min_lr_ratio·lr."""
-    if step < settings.warmup:
-        return settings.lr * (step + 1) / settings.warmup
-    floor = settings.lr * settings.min_lr_ratio
-    return floor + (settings.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def training_progress(settings: LMSettings, step: int, elapsed_s: float) -> float:
-    by_steps = step / settings.steps
-    by_time = elapsed_s / settings.time_limit_s if settings.time_limit_s > 0 else 0.0
-    return max(by_steps, by_time)
 
 
 def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -468,16 +461,17 @@ def train_steps(
         ctx.reporter.log(f"lm: resuming at step {step}")
     started = time.perf_counter()
     loss_value, elapsed = float(extra.get("loss", "nan")), elapsed_before
-    progress = training_progress(settings, step, elapsed)
+    progress = schedule_progress(step, settings.steps, elapsed, settings.time_limit_s / 60)
     window: list[tuple[float, float]] = []  # (loss, token accuracy) since the last logged point
     model.train()
     while progress < 1.0:
         ctx.check_cancelled()
         batch = pad_batch([examples[i] for i in schedule.indices(step)], pad_id)
-        loss_value, token_accuracy = optimizer_step(model, optimizer, batch, lr_at(settings, step, progress), settings)
+        lr = settings.lr * warmup_cosine(step, settings.warmup, progress, settings.min_lr_ratio)
+        loss_value, token_accuracy = optimizer_step(model, optimizer, batch, lr, settings)
         step += 1
         elapsed = elapsed_before + time.perf_counter() - started
-        progress = training_progress(settings, step, elapsed)
+        progress = schedule_progress(step, settings.steps, elapsed, settings.time_limit_s / 60)
         window.append((loss_value, token_accuracy))
         if step % settings.log_every == 0 or progress >= 1.0:
             losses, accuracies = zip(*window, strict=True)

@@ -26,7 +26,6 @@ checkpoint/ (resume state).
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 import time
 from collections.abc import Mapping, Sequence
@@ -65,7 +64,9 @@ from training.stage import (
     StageContext,
     load_training_state,
     save_training_state,
+    schedule_progress,
     settings_kwargs,
+    warmup_cosine,
 )
 from training.text_data import IGNORE_INDEX, load_facts
 
@@ -350,19 +351,6 @@ def make_optimizer(model: EchoXModel, settings: S2TSettings) -> torch.optim.Opti
     return torch.optim.AdamW(groups, betas=(0.9, 0.98), weight_decay=settings.weight_decay)
 
 
-def lr_factor(settings: S2TSettings, step: int, progress: float) -> float:
-    """Linear warmup over `warmup` steps, then cosine from 1 down to min_lr_ratio."""
-    if step < settings.warmup:
-        return (step + 1) / settings.warmup
-    floor = settings.min_lr_ratio
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def training_progress(settings: S2TSettings, step: int, elapsed_s: float) -> float:
-    by_time = elapsed_s / (settings.max_minutes * 60) if settings.max_minutes > 0 else 0.0
-    return max(step / settings.steps, by_time)
-
-
 def train_steps(
     ctx: StageContext,
     settings: S2TSettings,
@@ -389,12 +377,12 @@ def train_steps(
     ctx.reporter.start(ctx.stage, settings.steps, "steps")
     ctx.reporter.advance(step)
     started, elapsed = time.perf_counter(), elapsed_before
-    progress = training_progress(settings, step, elapsed)
+    progress = schedule_progress(step, settings.steps, elapsed, settings.max_minutes)
     window: list[StepFigures] = []
     state_module.train()
     while progress < 1.0:
         ctx.check_cancelled()
-        factor = lr_factor(settings, step, progress)
+        factor = warmup_cosine(step, settings.warmup, progress, settings.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = group["peak_lr"] * factor
         if settings.llm_frozen_share > 0:
@@ -408,7 +396,7 @@ def train_steps(
         optimizer.step()
         step += 1
         elapsed = elapsed_before + time.perf_counter() - started
-        progress = parallel.agree_max(training_progress(settings, step, elapsed))
+        progress = parallel.agree_max(schedule_progress(step, settings.steps, elapsed, settings.max_minutes))
         window.append(figures)
         ctx.reporter.advance(1, loss=figures.loss, ctc=figures.ctc)
         finished = progress >= 1.0

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import random
 import re
 import time
@@ -41,7 +40,14 @@ from echox.models.llm import LLMConfig, build_llm
 from echox.models.presets import get_preset
 from echox.tokenizer import ChatFormat, TextTokenizer
 from echox.units.codec import UnitLanguageCodec
-from training.stage import MetricsLog, StageContext, load_training_state, save_training_state
+from training.stage import (
+    MetricsLog,
+    StageContext,
+    load_training_state,
+    save_training_state,
+    schedule_progress,
+    warmup_cosine,
+)
 from training.stages.lm import load_lm_tokenizer
 from training.text_data import Fact
 
@@ -69,7 +75,7 @@ class T2CSettings:
     grad_clip: float = 1.0
     eval_every: int = 200
     checkpoint_every: int = 200
-    max_minutes: float = 8.0  # a safety stop: the run ends early (and says so) past this; 0: none
+    max_minutes: float = 8.0  # training time cap; the LR schedule ends by then too; 0: none
     sentence_pieces: bool = True
     questions: bool = True  # every question phrasing of the fact base, said in the agent voice
     word_repeats: int = 0  # phrases in which each fact-base word is heard this often (0: none)
@@ -381,16 +387,6 @@ def evaluate(
     return {"dev_loss": total_loss / count, "dev_accuracy": total_correct / count}
 
 
-def learning_rate(step: int, settings: T2CSettings) -> float:
-    """Linear warmup, then cosine down to min_lr_ratio × the peak."""
-    peak = settings.learning_rate
-    if step < settings.warmup_steps:
-        return peak * (step + 1) / settings.warmup_steps
-    progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
-    floor = settings.min_lr_ratio
-    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
 def sequence_length(example: T2CExample) -> int:
     return len(example.text_ids) + 2 + len(example.unit_tokens)  # + bos and eos
 
@@ -447,8 +443,9 @@ def train_decoder(
     text: TextSide,
     settings: T2CSettings,
 ) -> TrainResult:
-    """AdamW with warmup + cosine over `settings.steps`; resumes from `checkpoint/`, evaluates on
-    dev every `eval_every` steps, checkpoints every `checkpoint_every` steps and at the end."""
+    """AdamW with warmup + cosine over steps or `max_minutes` of training, whichever ends first;
+    resumes from `checkpoint/`, evaluates on dev every `eval_every` steps, checkpoints every
+    `checkpoint_every` steps and at the end."""
     train = [e for e in examples if e.split == "train"]
     dev = [e for e in examples if e.split == "dev"]
     if not train:
@@ -458,21 +455,20 @@ def train_decoder(
         lr=settings.learning_rate, betas=(0.9, 0.98), weight_decay=settings.weight_decay,
     )
     state_dir = ctx.out / CHECKPOINT_DIR
-    step, _ = load_training_state(state_dir, decoder, optimizer)
+    step, extra = load_training_state(state_dir, decoder, optimizer)
     batches = training_batches([sequence_length(e) for e in train], settings.batch_tokens, ctx.seed, step)
     metrics = MetricsLog(ctx.out)
     ctx.reporter.start(ctx.stage, settings.steps)
     ctx.reporter.advance(step)
-    started, stopped_early, recent = time.perf_counter(), False, list[float]()
+    elapsed_before, started, recent = float(extra.get("elapsed_s", 0.0)), time.perf_counter(), list[float]()
+    elapsed = elapsed_before
+    progress = schedule_progress(step, settings.steps, elapsed, settings.max_minutes)
     decoder.train()
-    while step < settings.steps:
+    while progress < 1.0:
         ctx.check_cancelled()
-        if 0 < settings.max_minutes * 60 < time.perf_counter() - started:
-            stopped_early = True
-            ctx.reporter.log(f"t2c: time budget of {settings.max_minutes} min reached at step {step}")
-            break
+        factor = warmup_cosine(step, settings.warmup_steps, progress, settings.min_lr_ratio)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, settings)
+            group["lr"] = settings.learning_rate * factor
         chosen = [train[i] for i in next(batches)]
         loss, _, _ = batch_loss(decoder, collate(chosen, text.tokenizer, decoder.config.text_vocab_size), text.table)
         optimizer.zero_grad(set_to_none=True)
@@ -480,19 +476,25 @@ def train_decoder(
         torch.nn.utils.clip_grad_norm_(decoder.parameters(), settings.grad_clip)
         optimizer.step()
         step += 1
+        elapsed = elapsed_before + time.perf_counter() - started
+        progress = schedule_progress(step, settings.steps, elapsed, settings.max_minutes)
         value = float(loss.detach())
         recent = [*recent, value][-20:]
         metrics.add(step, loss=value)
         ctx.reporter.advance(1, loss=value)
-        if dev and (step % settings.eval_every == 0 or step == settings.steps):
+        if dev and step % settings.eval_every == 0 and progress < 1.0:
             figures = evaluate(decoder, dev, text.tokenizer, text.table, settings.batch_tokens)
             metrics.add(step, **figures)
             ctx.reporter.log(f"t2c step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in figures.items()))
         if step % settings.checkpoint_every == 0:
-            save_training_state(state_dir, decoder, optimizer, step)
+            save_training_state(state_dir, decoder, optimizer, step, {"elapsed_s": elapsed})
             metrics.save()
-    save_training_state(state_dir, decoder, optimizer, step)
+    stopped_early = step < settings.steps
+    if stopped_early:
+        ctx.reporter.log(f"t2c: time budget of {settings.max_minutes} min reached at step {step}")
+    save_training_state(state_dir, decoder, optimizer, step, {"elapsed_s": elapsed})
     dev_figures = evaluate(decoder, dev, text.tokenizer, text.table, settings.batch_tokens) if dev else {}
+    metrics.add(step, **dev_figures)
     metrics.set(final_step=step, stopped_early=stopped_early, **dev_figures)
     metrics.save()
     train_loss = sum(recent) / len(recent) if recent else None

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -45,7 +44,14 @@ from echox.models.vocoder import VocoderConfig
 from echox.models.vocoders import AnyVocoder, AnyVocoderConfig, build_vocoder
 from echox.units.codec import expand
 from training.features import FeatureConfig, PitchConfig, UnitExtractor, continuous_log_f0, mel_filterbank, pitch_track
-from training.stage import MetricsLog, StageContext, load_training_state, save_training_state
+from training.stage import (
+    MetricsLog,
+    StageContext,
+    load_training_state,
+    save_training_state,
+    schedule_progress,
+    warmup_cosine,
+)
 
 PART_NAME = "vocoder"
 CHECKPOINT_DIR = "checkpoint"
@@ -75,7 +81,7 @@ class VocoderSettings:
     duration_batch: int = 16  # whole answers per step for the duration predictor
     log_every: int = 25
     checkpoint_every: int = 250
-    max_minutes: float = 8.0  # a safety stop: the run ends early (and says so) past this; 0: none
+    max_minutes: float = 8.0  # training time cap; the LR schedule ends by then too; 0: none
     threads: int | None = None  # torch threads while training (None: leave torch's default)
     judge: bool = True  # score dev resyntheses with Whisper tiny.en (needs faster-whisper)
     judge_limit: int | None = None  # judge only the first N dev answers
@@ -283,16 +289,6 @@ def init_unit_embeddings(model: AnyVocoder, centroids: torch.Tensor) -> None:
         model.unit_embed.weight[:, :dim] = centroids[:, :dim]
 
 
-def learning_rate(step: int, settings: VocoderSettings) -> float:
-    """Linear warmup, then cosine from the peak down to min_lr_ratio · peak."""
-    peak = settings.learning_rate
-    if step < settings.warmup_steps:
-        return peak * (step + 1) / settings.warmup_steps
-    progress = min(1.0, (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps))
-    floor = settings.min_lr_ratio * peak
-    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 # --- training ----------------------------------------------------------------------------
 
 
@@ -337,8 +333,9 @@ def _step_losses(
 def train_vocoder(
     ctx: StageContext, model: AnyVocoder, train: Sequence[Utterance], settings: VocoderSettings
 ) -> TrainResult:
-    """AdamW with warmup + cosine; resumes from `checkpoint/`, checkpoints every
-    `checkpoint_every` steps, when cancelled and at the end; stops early past `max_minutes`."""
+    """AdamW with warmup + cosine over steps or `max_minutes` of training, whichever ends first;
+    resumes from `checkpoint/`, checkpoints every `checkpoint_every` steps, when cancelled and at
+    the end."""
     if not train:
         raise EchoXError("vocoder: no training answers")
     optimizer = torch.optim.AdamW(
@@ -346,26 +343,25 @@ def train_vocoder(
     )
     loss_fn = SpectralLoss(sample_rate=model.config.sample_rate)
     state_dir = ctx.out / CHECKPOINT_DIR
-    step, _ = load_training_state(state_dir, model, optimizer)
+    step, extra = load_training_state(state_dir, model, optimizer)
     metrics = MetricsLog(ctx.out)
     for name, points in metrics.curves.items():  # a run killed after its checkpoint logged more
         metrics.curves[name] = [point for point in points if point[0] <= step]
     ctx.reporter.start(ctx.stage, settings.steps)
     ctx.reporter.advance(step)
-    started, stopped_early = time.perf_counter(), False
+    elapsed_before, started = float(extra.get("elapsed_s", 0.0)), time.perf_counter()
+    elapsed = elapsed_before
+    progress = schedule_progress(step, settings.steps, elapsed, settings.max_minutes)
     window: dict[str, list[float]] = {}
     model.train()
-    while step < settings.steps:
+    while progress < 1.0:
         if ctx.cancel.is_set():  # keep every finished step: the rerun continues from here
-            save_training_state(state_dir, model, optimizer, step)
+            save_training_state(state_dir, model, optimizer, step, {"elapsed_s": elapsed})
             metrics.save()
             ctx.check_cancelled()
-        if 0 < settings.max_minutes * 60 < time.perf_counter() - started:
-            stopped_early = True
-            ctx.reporter.log(f"vocoder: time budget of {settings.max_minutes} min reached at step {step}")
-            break
+        factor = warmup_cosine(step, settings.warmup_steps, progress, settings.min_lr_ratio)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, settings)
+            group["lr"] = settings.learning_rate * factor
         generator = torch.Generator().manual_seed(ctx.seed * 1_000_003 + step)
         parts = _step_losses(model, loss_fn, train, settings, generator)
         optimizer.zero_grad(set_to_none=True)
@@ -373,16 +369,21 @@ def train_vocoder(
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         optimizer.step()
         step += 1
+        elapsed = elapsed_before + time.perf_counter() - started
+        progress = schedule_progress(step, settings.steps, elapsed, settings.max_minutes)
         for name, value in parts.items():
             window.setdefault(name, []).append(float(value.detach()))
         ctx.reporter.advance(1, loss=window["loss"][-1])
-        if step % settings.log_every == 0 or step == settings.steps:
+        if step % settings.log_every == 0 or progress >= 1.0:
             metrics.add(step, **{name: sum(values) / len(values) for name, values in window.items()})
             window = {}
         if step % settings.checkpoint_every == 0:
-            save_training_state(state_dir, model, optimizer, step)
+            save_training_state(state_dir, model, optimizer, step, {"elapsed_s": elapsed})
             metrics.save()
-    save_training_state(state_dir, model, optimizer, step)
+    stopped_early = step < settings.steps
+    if stopped_early:
+        ctx.reporter.log(f"vocoder: time budget of {settings.max_minutes} min reached at step {step}")
+    save_training_state(state_dir, model, optimizer, step, {"elapsed_s": elapsed})
     metrics.set(final_step=step, stopped_early=stopped_early)
     metrics.save()
     final = {name: points[-1][1] for name, points in metrics.curves.items() if points}
