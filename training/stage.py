@@ -153,8 +153,12 @@ def _timed(fn: StageFn, ctx: StageContext, done: Path) -> dict[str, Any]:
     import torch
 
     torch.manual_seed(ctx.seed)
+    threads = torch.get_num_threads()
     started = time.perf_counter()
-    result = dict(fn(ctx))
+    try:
+        result = dict(fn(ctx))
+    finally:  # a stage's `threads` setting must not leak into the stages after it
+        torch.set_num_threads(threads)
     result["wall_seconds"] = round(time.perf_counter() - started, 1)
     if ctx.parallel.is_main:
         done.write_text(json.dumps(result, indent=2) + "\n")

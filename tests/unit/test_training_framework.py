@@ -73,6 +73,27 @@ def test_finished_stage_is_skipped_and_records_wall_time(tmp_path: Path) -> None
     assert json.loads((tmp_path / "demo" / DONE_FILE).read_text())["figure"] == 1.0
 
 
+def test_a_stage_thread_setting_does_not_leak_into_the_next_stage(tmp_path: Path) -> None:
+    # The lm stage trains on one thread; the t2c and vocoder stages after it used to inherit that.
+    before = torch.get_num_threads()
+    wanted = 1 if before > 1 else 2
+
+    def stage(ctx: StageContext) -> dict[str, Any]:
+        torch.set_num_threads(wanted)
+        if ctx.stage == "fails":
+            raise ValueError("boom")
+        return {}
+
+    try:
+        run_stage(stage, StageContext(run_dir=tmp_path, stage="one_thread", settings={}))
+        assert torch.get_num_threads() == before
+        with pytest.raises(ValueError, match="boom"):
+            run_stage(stage, StageContext(run_dir=tmp_path, stage="fails", settings={}))
+        assert torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_cancelled_stage_is_not_marked_done(tmp_path: Path) -> None:
     def stage(ctx: StageContext) -> dict[str, Any]:
         ctx.check_cancelled()

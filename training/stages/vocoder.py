@@ -457,13 +457,9 @@ def judge_dev(
 def run(ctx: StageContext) -> dict[str, Any]:
     """The `vocoder` stage; settings: see VocoderSettings."""
     settings = VocoderSettings.from_mapping(ctx.settings)
-    threads = torch.get_num_threads()
-    if settings.threads:
+    if settings.threads:  # run_stage restores the thread count afterwards
         torch.set_num_threads(settings.threads)
-    try:
-        return _run(ctx, settings)
-    finally:
-        torch.set_num_threads(threads)
+    return _run(ctx, settings)
 
 
 def _run(ctx: StageContext, settings: VocoderSettings) -> dict[str, Any]:
