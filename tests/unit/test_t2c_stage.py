@@ -282,5 +282,5 @@ def test_espeak_renderer_assigns_units_with_the_units_model(tmp_path: Path) -> N
 
 
 def test_unknown_setting_is_rejected() -> None:
-    with pytest.raises(Exception, match="unknown settings"):
+    with pytest.raises(Exception, match="unknown keys"):
         t2c.T2CSettings.from_mapping({"stepz": 3})

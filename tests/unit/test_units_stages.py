@@ -177,7 +177,7 @@ def test_extractor_load_explains_a_missing_model(tmp_path: Path) -> None:
 
 
 def test_units_settings_reject_unknown_keys() -> None:
-    with pytest.raises(EchoXError, match="unknown settings"):
+    with pytest.raises(EchoXError, match="unknown keys"):
         units.UnitsSettings.from_mapping({"k": 10})
 
 

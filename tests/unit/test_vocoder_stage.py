@@ -161,7 +161,7 @@ def test_istft_vocoder_rejects_bad_input_and_config() -> None:
 
 
 def test_vocoder_settings_reject_unknown_keys_and_architectures() -> None:
-    with pytest.raises(EchoXError, match="unknown settings"):
+    with pytest.raises(EchoXError, match="unknown keys"):
         vocoder.VocoderSettings.from_mapping({"epochs": 3})
     with pytest.raises(EchoXError, match="architecture"):
         vocoder.VocoderSettings.from_mapping({"architecture": "wavenet"})

@@ -46,6 +46,7 @@ from training.stage import (
     load_training_state,
     save_training_state,
     schedule_progress,
+    settings_kwargs,
     warmup_cosine,
 )
 from training.stages.lm import load_lm_tokenizer
@@ -84,11 +85,7 @@ class T2CSettings:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> T2CSettings:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise EchoXError(f"t2c: unknown settings {unknown} (known: {sorted(names)})")
-        kwargs = dict(values)
+        kwargs = settings_kwargs(cls, values, "t2c")
         if "phrase_words" in kwargs:
             kwargs["phrase_words"] = tuple(kwargs["phrase_words"])
         return cls(**kwargs)

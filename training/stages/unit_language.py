@@ -18,7 +18,7 @@ from typing import Any
 
 from echox.errors import EchoXError
 from echox.units.codec import UnitLanguageCodec
-from training.stage import MetricsLog, StageContext
+from training.stage import MetricsLog, StageContext, settings_kwargs
 from training.stages.units import UNITS_MANIFEST, read_manifest
 
 CODEC_FILE = "unit_language.json"
@@ -32,11 +32,8 @@ class UnitLanguageSettings:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> UnitLanguageSettings:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise EchoXError(f"unit_language: unknown settings {unknown} (known: {sorted(names)})")
-        return cls(**dict(values))
+        kwargs = settings_kwargs(cls, values, "unit_language")
+        return cls(**kwargs)
 
 
 def train_unit_language(

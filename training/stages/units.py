@@ -28,7 +28,7 @@ from echox.audio import read_wav
 from echox.errors import EchoXError
 from echox.units.codec import dedup
 from training.features import FeatureConfig, UnitExtractor, build_features, feature_stats, fit_kmeans
-from training.stage import StageContext
+from training.stage import StageContext, settings_kwargs
 
 UNITS_MANIFEST = "units.jsonl"
 ANSWERS_MANIFEST = "answers.jsonl"
@@ -44,11 +44,8 @@ class UnitsSettings:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> UnitsSettings:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise EchoXError(f"units: unknown settings {unknown} (known: {sorted(names)})")
-        settings = cls(**dict(values))
+        kwargs = settings_kwargs(cls, values, "units")
+        settings = cls(**kwargs)
         if settings.num_units < 2 or settings.max_iter < 1:
             raise EchoXError("units: num_units must be >= 2 and max_iter >= 1")
         return settings

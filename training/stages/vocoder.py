@@ -50,6 +50,7 @@ from training.stage import (
     load_training_state,
     save_training_state,
     schedule_progress,
+    settings_kwargs,
     warmup_cosine,
 )
 
@@ -90,11 +91,8 @@ class VocoderSettings:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> VocoderSettings:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise EchoXError(f"vocoder: unknown settings {unknown} (known: {sorted(names)})")
-        settings = cls(**dict(values))
+        kwargs = settings_kwargs(cls, values, "vocoder")
+        settings = cls(**kwargs)
         if settings.architecture not in (ISTFT, HIFIGAN):
             raise EchoXError(f"vocoder: architecture must be {ISTFT!r} or {HIFIGAN!r}, got {settings.architecture!r}")
         if min(settings.steps, settings.batch_size, settings.segment_frames, settings.duration_batch) < 1:
