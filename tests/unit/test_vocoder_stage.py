@@ -273,3 +273,18 @@ def test_time_cap_ends_the_schedule_and_says_so(units_run: Path, tmp_path: Path)
     assert summary["steps"] == 1 and summary["stopped_early"] is True
     state = json.loads((run_dir / "vocoder" / "checkpoint" / "state.json").read_text())
     assert state["step"] == 1 and state["extra"]["elapsed_s"] > 0  # a resumed run keeps the spent time
+
+
+def test_answer_variants_add_rendered_agent_speech_but_never_a_dev_answer(units_run: Path, tmp_path: Path) -> None:
+    run_dir = _copy_inputs(units_run, tmp_path)
+    facts = Path(__file__).resolve().parents[2] / "data" / "spoken_qa"
+    ctx = StageContext(run_dir=run_dir, stage="vocoder", settings=_settings(answer_variants=2), facts=facts)
+    texts, voice = vocoder.agent_texts(ctx, vocoder.VocoderSettings.from_mapping(ctx.settings))
+    assert texts and "The capital of Italy is Rome." not in texts
+    assert voice["voice"] == "en-us+f2"
+    rendered = vocoder.rendered_utterances(texts[:2], run_dir / "units", voice, hop_length=320)
+    for utt in rendered:
+        assert utt.split == "train" and utt.audio.size == sum(utt.durations) * 320
+        assert len(utt.units) == len(utt.durations) and max(utt.units) < 10
+    summary = run_stage(vocoder.run, ctx)
+    assert summary["train_utterances"] == 3 + len(texts)  # three train answers and the rendered texts

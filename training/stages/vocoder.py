@@ -4,7 +4,10 @@ Data: every agent answer's audio (`RUN/synth/answers.jsonl`) and its deduplicate
 durations (`RUN/units/units.jsonl`). The generator sees frame-rate units (units expanded by
 their durations) in random fixed-length crops and reconstructs the matching samples (unit t ↔
 samples [t·hop, (t+1)·hop)); the duration predictor learns the durations alongside on whole
-answers (`duration_loss`), so synthesis from deduplicated units alone works.
+answers (`duration_loss`), so synthesis from deduplicated units alone works. With `questions`
+and `answer_variants` the stage also renders the texts T2C learns from (every question phrasing,
+train answers with swapped key words; never a held-out answer) in the agent voice with
+espeak-ng and learns from them too: 279 train answers are only 10 minutes of speech.
 
 Losses converge fast on CPU without a discriminator: multi-resolution STFT (spectral
 convergence + log-magnitude L1) and log-mel L1 on the waveform. The default architecture is
@@ -88,6 +91,9 @@ class VocoderSettings:
     judge_limit: int | None = None  # judge only the first N dev answers
     samples: int = 4  # dev resyntheses written to samples/ for listening
     init_from_centroids: bool = True  # unit embeddings start from the k-means centroids
+    # More agent-voice speech to learn from than the train answers alone (the texts T2C renders):
+    questions: bool = False  # every question phrasing of the fact base
+    answer_variants: int = 0  # per train answer: its key words or slot values swapped (t2c's)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> VocoderSettings:
@@ -108,7 +114,7 @@ class Utterance:
     fact_id: str
     split: str
     audio: npt.NDArray[np.float32]
-    source: Path  # the original recording (judged as it is, uncut)
+    source: Path | None  # the original recording (judged as it is, uncut); None: rendered here
     units: tuple[int, ...]  # deduplicated
     durations: tuple[int, ...]
     log_f0: npt.NDArray[np.float32]  # per frame, unvoiced frames interpolated (harmonic head target)
@@ -149,6 +155,50 @@ def load_utterances(synth_dir: Path, units_dir: Path, hop_length: int) -> list[U
             )
         )
     return out
+
+
+def rendered_utterances(
+    texts: Sequence[str], units_dir: Path, voice: Mapping[str, Any], hop_length: int
+) -> list[Utterance]:
+    """`texts` said by espeak-ng in the agent's voice (`voice`: a synth answer row's voice, rate
+    and pitch), with their units from the units stage's k-means: more training speech for the
+    vocoder and its duration predictor. Never a dev answer: the caller passes train texts."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from echox.espeak import speak
+    from echox.units.codec import dedup
+
+    extractor = UnitExtractor.load(units_dir)
+
+    def say(text: str) -> npt.NDArray[np.float32]:
+        return speak(text, str(voice["voice"]), int(voice["rate"]), int(voice["pitch"]))
+
+    out = []
+    with ThreadPoolExecutor(max_workers=2) as pool:  # espeak-ng runs as a subprocess
+        for index, audio in enumerate(pool.map(say, texts)):
+            units, durations = dedup(extractor.frame_units(audio))
+            frames = sum(durations)
+            audio = np.pad(audio, (0, max(0, frames * hop_length - audio.size)))[: frames * hop_length]
+            f0 = pitch_track(audio, PitchConfig(hop_length=hop_length))
+            out.append(
+                Utterance(
+                    id=f"rendered-{index:05d}", fact_id="", split="train", audio=audio, source=None,
+                    units=tuple(units), durations=tuple(durations), log_f0=continuous_log_f0(f0), voiced=f0 > 0,
+                )
+            )
+    return out
+
+
+def agent_texts(ctx: StageContext, settings: VocoderSettings) -> tuple[list[str], Mapping[str, Any]]:
+    """The extra texts to render (questions, answer variants) and the agent's voice."""
+    from training.stages.t2c import FactTexts, answer_rows, answer_variants
+
+    rows = answer_rows(ctx.run_dir)
+    facts = FactTexts.load(ctx.facts)
+    texts = list(facts.questions) if settings.questions else []
+    texts += answer_variants(rows, facts.facts, settings.answer_variants, ctx.seed)
+    held_out = {row["text"] for row in rows if row["split"] != "train"}
+    return [t for t in dict.fromkeys(texts) if t not in held_out], rows[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -429,7 +479,7 @@ def judge_dev(
     misses: dict[str, list[dict[str, str]]] = {name: [] for name in heard}
     for index, utt in enumerate(dev):
         versions = {
-            "original": read_wav(utt.source),
+            "original": read_wav(utt.source) if utt.source else utt.audio,
             "resynth_true": resynthesize(model, utt, true_durations=True),
             "resynth_predicted": resynthesize(model, utt, true_durations=False),
         }
@@ -471,6 +521,10 @@ def _run(ctx: StageContext, settings: VocoderSettings) -> dict[str, Any]:
     data = load_utterances(ctx.input("synth"), units_dir, config.hop_length)
     train = [u for u in data if u.split == "train"]
     dev = [u for u in data if u.split == "dev"]
+    texts, voice = agent_texts(ctx, settings) if settings.questions or settings.answer_variants else ([], {})
+    if texts:
+        ctx.reporter.log(f"vocoder: rendering {len(texts)} more agent-voice texts (questions, answer variants)")
+        train += rendered_utterances(texts, units_dir, voice, config.hop_length)
     started = time.perf_counter()
     result = train_vocoder(ctx, model, train, settings)
     train_seconds = time.perf_counter() - started
@@ -481,6 +535,8 @@ def _run(ctx: StageContext, settings: VocoderSettings) -> dict[str, Any]:
         "stopped_early": result.stopped_early,
         "train_seconds": round(train_seconds, 1),
         "parameters": sum(p.numel() for p in model.parameters()),
+        "train_utterances": len(train),
+        "train_hours": round(sum(u.audio.size for u in train) / config.sample_rate / 3600, 3),
         **{f"final_{k}": round(v, 4) for k, v in result.losses.items()},
     }
     if dev:
