@@ -207,18 +207,23 @@ def plot_curves(curves: Mapping[str, list[list[float]]], path: Path, title: str)
     plt.close(fig)
 
 
+RNG_KEY = "torch_rng_state"  # beside the optimizer tensors, whose keys are "<param id>.<name>"
+
+
 def save_training_state(
     folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, extra: Mapping[str, Any] = {}
 ) -> None:
-    """Weights (safetensors) + optimizer tensors (safetensors) + JSON, written atomically enough
-    for resume: the JSON names the step and is written last."""
+    """Weights (safetensors) + optimizer tensors and torch's CPU random state (safetensors) +
+    JSON, written atomically enough for resume: the JSON names the step and is written last.
+    The random state makes a resumed run draw the dropout masks an unbroken one would."""
+    import torch
     from safetensors.torch import save_file, save_model
 
     folder.mkdir(parents=True, exist_ok=True)
     save_model(model, str(folder / "model.tmp.safetensors"))  # tied weights are stored once
     opt_state = optimizer.state_dict()
     tensors, layout = _flatten_optimizer(opt_state)
-    save_file(tensors, str(folder / "optimizer.tmp.safetensors"))
+    save_file({**tensors, RNG_KEY: torch.get_rng_state()}, str(folder / "optimizer.tmp.safetensors"))
     (folder / "model.tmp.safetensors").replace(folder / "model.safetensors")
     (folder / "optimizer.tmp.safetensors").replace(folder / "optimizer.safetensors")
     meta = {"step": step, "optimizer": layout, "extra": dict(extra)}
@@ -232,12 +237,16 @@ def load_training_state(
     meta_path = folder / "state.json"
     if not meta_path.is_file():
         return 0, {}
+    import torch
     from safetensors.torch import load_file, load_model
 
     meta = json.loads(meta_path.read_text())
     load_model(model, str(folder / "model.safetensors"))
     tensors = load_file(str(folder / "optimizer.safetensors"))
+    rng_state = tensors.pop(RNG_KEY, None)
     optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+    if rng_state is not None:  # checkpoints written before the random state was kept lack it
+        torch.set_rng_state(rng_state)
     return int(meta["step"]), dict(meta.get("extra", {}))
 
 

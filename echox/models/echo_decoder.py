@@ -40,10 +40,15 @@ class EchoDecoderConfig(ConfigBase):
     # Upper bound on unit-language tokens per input embedding when generating.
     max_units_per_input: float = 8.0
     min_units: int = 16
+    # Training-time dropout on the decoder's inputs and attention weights (none at inference):
+    # a small T2C learns its few hundred answers by heart without it.
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ConfigError("echo decoder: inconsistent head counts")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"echo decoder: dropout must be in [0, 1), got {self.dropout}")
         if self.unit_vocab_size < 1:
             raise ConfigError("echo decoder: unit_vocab_size must be positive")
 
@@ -61,6 +66,7 @@ class EchoDecoderConfig(ConfigBase):
             num_key_value_heads=self.num_kv_heads,
             max_position_embeddings=self.max_position_embeddings,
             rms_norm_eps=self.rms_norm_eps,
+            attention_dropout=self.dropout,
             rope_parameters=self.rope_parameters or {"rope_type": "default", "rope_theta": self.rope_theta},
             pad_token_id=None,
             bos_token_id=None,
@@ -90,6 +96,7 @@ class EchoDecoder(nn.Module):
         self.config = config
         self.unit_embed = nn.Embedding(config.unit_vocab_size, config.text_dim)
         self.adapter = nn.Linear(config.text_dim, config.hidden_size, bias=True)
+        self.input_dropout = nn.Dropout(config.dropout)
         self.decoder = LlamaModel(config.to_hf())
         self.decoder.embed_tokens = None  # type: ignore[assignment]
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -111,7 +118,7 @@ class EchoDecoder(nn.Module):
     ) -> tuple[torch.Tensor, object | None]:
         """H-wide embeddings [B, L, text_dim] → logits over text+unit ids [B, L, V_text+V_unit]."""
         out = self.decoder(
-            inputs_embeds=self.adapter(inputs_embeds),
+            inputs_embeds=self.input_dropout(self.adapter(inputs_embeds)),
             attention_mask=attention_mask,
             cache=cache,
             use_cache=use_cache,

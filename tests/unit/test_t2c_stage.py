@@ -204,22 +204,49 @@ def test_smoke_run_writes_a_loadable_decoder(tmp_path: Path, renders: list[str])
     assert json.loads((out / DONE_FILE).read_text())["steps"] == 6
 
 
-def test_cancelled_run_resumes_to_the_same_weights(tmp_path: Path, renders: list[str]) -> None:
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["plain", "dropout"])
+def test_cancelled_run_resumes_to_the_same_weights(tmp_path: Path, renders: list[str], dropout: float) -> None:
+    settings = {**SMOKE, "dropout": dropout, "unit_dropout": dropout}  # resume restores the random state
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     make_run(straight)
     make_run(resumed)
-    run_stage(t2c.run, context(straight, SMOKE))
+    run_stage(t2c.run, context(straight, settings))
     with pytest.raises(StageCancelled):
-        run_stage(t2c.run, context(resumed, SMOKE, cancel_after=3))
+        run_stage(t2c.run, context(resumed, settings, cancel_after=3))
     state = json.loads((resumed / "t2c" / "checkpoint" / "state.json").read_text())
     assert state["step"] == 2 and not (resumed / "t2c" / DONE_FILE).exists()
-    summary = run_stage(t2c.run, context(resumed, SMOKE))
+    summary = run_stage(t2c.run, context(resumed, settings))
     assert summary["steps"] == 6
     config = read_part_config(straight / "t2c", "echo_decoder", EchoDecoderConfig)
     a = load_part_weights(straight / "t2c", "echo_decoder", EchoDecoder(config)).state_dict()
     b = load_part_weights(resumed / "t2c", "echo_decoder", EchoDecoder(config)).state_dict()
     for name, tensor in a.items():
         torch.testing.assert_close(b[name], tensor, msg=name)
+
+
+def test_dropout_reaches_the_saved_decoder_and_only_acts_in_training(tmp_path: Path, renders: list[str]) -> None:
+    make_run(tmp_path)
+    run_stage(t2c.run, context(tmp_path, {**SMOKE, "dropout": 0.2, "unit_dropout": 0.5}))
+    config = read_part_config(tmp_path / "t2c", "echo_decoder", EchoDecoderConfig)
+    assert config.dropout == 0.2 and config.to_hf().attention_dropout == 0.2
+    decoder = load_part_weights(tmp_path / "t2c", "echo_decoder", EchoDecoder(config))
+    embeds = torch.randn(1, 9, config.text_dim)
+    decoder.eval()
+    torch.testing.assert_close(decoder(embeds)[0], decoder(embeds)[0])  # inference is deterministic
+    decoder.train()
+    assert not torch.allclose(decoder(embeds)[0], decoder(embeds)[0])
+
+
+def test_unit_dropout_blanks_only_unit_positions_at_about_its_share() -> None:
+    torch.manual_seed(0)
+    embeds = torch.ones(4, 500, 3)
+    is_unit = torch.zeros(4, 500, dtype=torch.bool)
+    is_unit[:, 100:] = True
+    blanked = t2c.blank_units(embeds, is_unit, 0.25)
+    zero = (blanked == 0).all(-1)
+    assert not zero[:, :100].any()  # text positions are never blanked
+    assert 0.2 < float(zero[:, 100:].float().mean()) < 0.3
+    assert t2c.blank_units(embeds, is_unit, 0.0) is embeds
 
 
 def test_time_cap_ends_the_schedule_and_says_so(tmp_path: Path, renders: list[str]) -> None:

@@ -82,6 +82,10 @@ class T2CSettings:
     word_repeats: int = 0  # phrases in which each fact-base word is heard this often (0: none)
     answer_variants: int = 0  # per train answer: its key words or slot values swapped for another fact's
     phrase_words: tuple[int, int] = (2, 6)
+    dropout: float = 0.0  # the decoder's input and attention dropout (EchoDecoderConfig.dropout)
+    # Share of the previous-unit inputs blanked in training (Tacotron's pre-net dropout): the
+    # decoder cannot lean on copying the unit before and must read the text.
+    unit_dropout: float = 0.0
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> T2CSettings:
@@ -245,8 +249,8 @@ def answer_variants(rows: Sequence[dict[str, Any]], facts: Sequence[Fact], per_a
     a variant equal to one is dropped. Deterministic for a seed."""
     by_id = {fact.id: fact for fact in facts}
     by_category: dict[str, list[Fact]] = {}
-    for fact in facts:
-        by_category.setdefault(fact.category, []).append(fact)
+    for each in facts:
+        by_category.setdefault(each.category, []).append(each)
     held_out = {row["text"] for row in rows if row["split"] != "train"}
     rng, variants = random.Random(seed + 17), dict[str, None]()
     for row in rows:
@@ -322,10 +326,15 @@ def load_text_side(lm_dir: Path, chat: ChatFormat | None = None) -> TextSide:
     return TextSide(tokenizer, llm_config, embeddings.weight.detach().clone())
 
 
-def decoder_config(preset: str, llm_config: LLMConfig, codec: UnitLanguageCodec) -> EchoDecoderConfig:
+def decoder_config(
+    preset: str, llm_config: LLMConfig, codec: UnitLanguageCodec, dropout: float = 0.0
+) -> EchoDecoderConfig:
     """The preset's echo decoder with the sizes learned by the earlier stages."""
     return get_preset(preset).echo_decoder.replace(
-        text_vocab_size=llm_config.vocab_size, text_dim=llm_config.hidden_size, unit_vocab_size=codec.vocab_size
+        text_vocab_size=llm_config.vocab_size,
+        text_dim=llm_config.hidden_size,
+        unit_vocab_size=codec.vocab_size,
+        dropout=dropout,
     )
 
 
@@ -337,10 +346,13 @@ def new_decoder(config: EchoDecoderConfig, table: torch.Tensor) -> EchoDecoder:
     return decoder
 
 
-def batch_loss(decoder: EchoDecoder, batch: T2CBatch, table: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+def batch_loss(
+    decoder: EchoDecoder, batch: T2CBatch, table: torch.Tensor, unit_dropout: float = 0.0
+) -> tuple[torch.Tensor, int, int]:
     """Mean CE over unit/stop targets; also (correct, count) of argmax over the ids inference
-    may choose (unit ids and the stop id)."""
-    embeds = decoder.embed(batch.input_ids.to(table.device), table)
+    may choose (unit ids and the stop id). `unit_dropout`: share of unit inputs zeroed."""
+    input_ids = batch.input_ids.to(table.device)
+    embeds = blank_units(decoder.embed(input_ids, table), input_ids >= decoder.config.text_vocab_size, unit_dropout)
     logits, _ = decoder(embeds, attention_mask=batch.attention_mask.to(table.device))
     flat_logits = logits.reshape(-1, logits.shape[-1])
     flat_labels = batch.labels.reshape(-1).to(table.device)
@@ -350,6 +362,14 @@ def batch_loss(decoder: EchoDecoder, batch: T2CBatch, table: torch.Tensor) -> tu
         chosen = _allowed_argmax(flat_logits[keep], decoder.config.text_vocab_size, flat_labels[keep])
         correct = int((chosen == flat_labels[keep]).sum())
     return loss, correct, int(keep.sum())
+
+
+def blank_units(embeds: torch.Tensor, is_unit: torch.Tensor, share: float) -> torch.Tensor:
+    """`embeds` with about `share` of the unit positions (`is_unit`, [B, L]) set to zero."""
+    if share <= 0.0:
+        return embeds
+    blank = is_unit & (torch.rand(is_unit.shape, device=embeds.device) < share)
+    return embeds.masked_fill(blank.unsqueeze(-1), 0.0)
 
 
 def _allowed_argmax(logits: torch.Tensor, text_vocab_size: int, labels: torch.Tensor) -> torch.Tensor:
@@ -467,7 +487,8 @@ def train_decoder(
         for group in optimizer.param_groups:
             group["lr"] = settings.learning_rate * factor
         chosen = [train[i] for i in next(batches)]
-        loss, _, _ = batch_loss(decoder, collate(chosen, text.tokenizer, decoder.config.text_vocab_size), text.table)
+        batch = collate(chosen, text.tokenizer, decoder.config.text_vocab_size)
+        loss, _, _ = batch_loss(decoder, batch, text.table, settings.unit_dropout)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         torch.nn.utils.clip_grad_norm_(decoder.parameters(), settings.grad_clip)
@@ -526,7 +547,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     extra = extra_texts(rows, settings, FactTexts.load(ctx.facts), ctx.seed)
     ctx.reporter.log(f"t2c: {len(rows)} answers and {len(extra)} rendered segments")
     examples = build_examples(rows, text.tokenizer, codec, extra, render, ctx.out / PIECES_FILE)
-    config = decoder_config(ctx.preset, text.llm_config, codec)
+    config = decoder_config(ctx.preset, text.llm_config, codec, settings.dropout)
     device = ctx.parallel.device  # a GPU under torchrun when there is one (the large presets)
     text = dataclasses.replace(text, table=text.table.to(device))
     decoder = new_decoder(config, text.table).to(device)
