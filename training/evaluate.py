@@ -144,11 +144,20 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--model", help="model folder (default: the embedded default model)")
     p.add_argument("--split", default="dev", choices=("dev", "train"), help="voices of the questions (default: dev)")
     p.add_argument(
-        "--limit", type=int, default=DEFAULT_QUESTIONS, help=f"questions, one per fact (default: {DEFAULT_QUESTIONS})"
+        "--limit",
+        type=int,
+        default=DEFAULT_QUESTIONS,
+        help=f"questions, one per fact (default: {DEFAULT_QUESTIONS}); the speaking half judges every run answer",
     )
     p.add_argument("--seed", type=int, default=1234, help="seed of the question draws and the noise (default: 1234)")
     p.add_argument("--facts", help="fact base folder (default: the run's with --run, else the tiny recipe's)")
     p.add_argument("--run", help="training run folder: also judge the speaking half on its held-out answers")
+    p.add_argument(
+        "--speaking-only",
+        action="store_true",
+        help="judge only the speaking half on --run's held-out answers (no questions); without --model the "
+        "run's finished parts (lm, t2c, unit_language, vocoder) are assembled",
+    )
     p.add_argument("--samples", help="write every spoken answer the judge heard into this folder")
     p.add_argument("--threads", type=int, default=2, help="CPU threads of the model and of the judge (default: 2)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -158,8 +167,6 @@ def register_cli(sub: Any) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from echox.checkpoint import EchoX
-    from echox.paths import resolve_model_dir
     from training.eval_questions import PipelineTurns, conditions, eval_questions, evaluate_questions
     from training.judge import Judge
     from training.runner import RichReporter
@@ -167,37 +174,70 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.limit < 1:
         raise EchoXError(f"eval: --limit must be at least 1, got {args.limit}")
-    torch.set_num_threads(args.threads)
     run_dir = Path(args.run) if args.run else None
+    if args.speaking_only and run_dir is None:
+        raise EchoXError("eval: --speaking-only judges a training run's held-out answers; give --run RUN")
+    torch.set_num_threads(args.threads)
     base = load_fact_base(_facts_dir(run_dir, args.facts))
-    questions = eval_questions(base, args.split, args.seed, args.limit)
+    questions = [] if args.speaking_only else eval_questions(base, args.split, args.seed, args.limit)
     answers = load_answers(run_dir, args.split, {f["id"]: f for f in base.facts}) if run_dir else []
-    model_dir = resolve_model_dir(args.model)
-    echox = EchoX.from_pretrained(model_dir)
+    echox, model_name = _load_model(args.model, run_dir if args.speaking_only else None)
     judge = Judge(cpu_threads=args.threads)
     samples = Path(args.samples) if args.samples else None
     if samples is not None:
         samples.mkdir(parents=True, exist_ok=True)
-    spoken = answers[: args.limit]
-    total = len(questions) * (len(conditions(base.voices)) + 1) + len(spoken)
+    total = len(questions) * (len(conditions(base.voices)) + 1) + len(answers)
     started = time.perf_counter()
     with RichReporter() as reporter:
         reporter.start("eval", total=total, unit="turns")
         tick = lambda: reporter.advance(1)  # noqa: E731 - one callback for every kind of work
-        report = evaluate_questions(
-            PipelineTurns(echox), judge, questions, base.voices, echox.codec, args.seed, tick, samples
-        )
+        report: dict[str, Any] = {"streaming": {}}
+        if questions:
+            turns = PipelineTurns(echox)
+            report = evaluate_questions(turns, judge, questions, base.voices, echox.codec, args.seed, tick, samples)
         if run_dir is not None:
-            report["speaking"] = speaking_report(echox, spoken, judge, tick, samples)
+            report["speaking"] = speaking_report(echox, answers, judge, tick, samples)  # every one of the split
             report["streaming"]["compression_held_out"] = echox.codec.compression_ratio(a.units for a in answers)
-    report.update(model=str(model_dir), split=args.split, seed=args.seed, run=str(run_dir) if run_dir else None)
+    report.update(model=model_name, split=args.split, seed=args.seed, run=str(run_dir) if run_dir else None)
     report["seconds"] = round(time.perf_counter() - started, 1)  # judging included, loading not
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
 
+def _load_model(model: str | None, parts_of: Path | None) -> tuple[EchoX, str]:
+    """The model to evaluate and its name: the `model` folder (default: the embedded default),
+    or, with `parts_of` and no `model`, that run's finished parts assembled in memory."""
+    from echox.checkpoint import EchoX
+    from echox.paths import resolve_model_dir
+    from training.assemble import assemble_parts
+
+    if parts_of is not None and model is None:
+        return assemble_parts(parts_of, preset=_run_recipe(parts_of).get("preset", "tiny")), f"{parts_of} (its parts)"
+    model_dir = resolve_model_dir(model)
+    return EchoX.from_pretrained(model_dir), str(model_dir)
+
+
 def format_report(report: Mapping[str, Any]) -> str:
-    """The report as a readable table."""
+    """The report as a readable table (the speaking half alone with --speaking-only)."""
+    header = f"model {report['model']}, {report['seconds']:.0f} s"
+    lines = _questions_table(report) if "accuracy" in report else [header]
+    if "speaking" in report:
+        speaking = report["speaking"]
+        lines.append(f"speaking half, {speaking['answers']} recorded {report['split']} answers of {report['run']}:")
+        for name in SPEAKING_VERSIONS:
+            lines.append(
+                f"  {name:<24} {speaking['shares'][name]:6.3f}   {speaking['vs_original'][name]:6.3f} x original"
+            )
+        if "accuracy" not in report:
+            lines.append(f"  unit compression: {report['streaming']['compression_held_out']:.3f} units per token")
+    clean_misses = [m for m in report.get("misses", []) if m["condition"] == "clean"][:MISSES_SHOWN]
+    if clean_misses:
+        lines.append("first clean misses (all in --json): question | heard | answer | the judge heard")
+        lines += [f"  {m['question']} | {m['heard']!r} | {m['text']!r} | {m['judge_heard']!r}" for m in clean_misses]
+    return "\n".join(lines)
+
+
+def _questions_table(report: Mapping[str, Any]) -> list[str]:
     lines = [
         f"{report['questions']} {report['split']}-voice questions (one per fact, seed {report['seed']}), "
         f"model {report['model']}, {report['seconds']:.0f} s",
@@ -207,7 +247,8 @@ def format_report(report: Mapping[str, Any]) -> str:
         versus = _figure(figures["s2s_vs_reference"], "{:8.3f}")
         lines.append(f"  {figures['label']:<20} {figures['s2t']:6.3f} {figures['s2s']:6.3f} {versus:>8}")
     streaming = report["streaming"]
-    lines += [
+    return [
+        *lines,
         f"  the judge on espeak-ng reference answers (agent voice): {report['reference']:.3f}",
         f"  tokens before the first segment cut: {_figure(streaming['first_segment_tokens_mean'], '{:.1f}')} (mean)",
         f"  time to first text:  p50 {_ms(streaming['first_text_ms']['p50'])}, "
@@ -222,18 +263,6 @@ def format_report(report: Mapping[str, Any]) -> str:
             else ""
         ),
     ]
-    if "speaking" in report:
-        speaking = report["speaking"]
-        lines.append(f"speaking half, {speaking['answers']} recorded {report['split']} answers of {report['run']}:")
-        for name in SPEAKING_VERSIONS:
-            lines.append(
-                f"  {name:<24} {speaking['shares'][name]:6.3f}   {speaking['vs_original'][name]:6.3f} x original"
-            )
-    clean_misses = [m for m in report["misses"] if m["condition"] == "clean"][:MISSES_SHOWN]
-    if clean_misses:
-        lines.append("first clean misses (all in --json): question | heard | answer | the judge heard")
-        lines += [f"  {m['question']} | {m['heard']!r} | {m['text']!r} | {m['judge_heard']!r}" for m in clean_misses]
-    return "\n".join(lines)
 
 
 def _figure(value: float | None, spec: str) -> str:
@@ -253,10 +282,15 @@ def _facts_dir(run_dir: Path | None, facts: str | None) -> Path:
         return Path(facts)
     if run_dir is None:
         return Path(load_recipe("tiny", get_settings().data_root).facts)
-    recipe_file = run_dir / "recipe.json"
-    if not recipe_file.is_file():
-        raise EchoXError(f"eval: {run_dir} is not a training run (no recipe.json)")
-    written = json.loads(recipe_file.read_text())
+    written = _run_recipe(run_dir)
     if "facts" in written:
         return Path(written["facts"])
     return Path(load_recipe(written["recipe"], get_settings().data_root).facts)
+
+
+def _run_recipe(run_dir: Path) -> dict[str, Any]:
+    """What the runner wrote of the recipe into the run (`RUN/recipe.json`)."""
+    recipe_file = run_dir / "recipe.json"
+    if not recipe_file.is_file():
+        raise EchoXError(f"eval: {run_dir} is not a training run (no recipe.json)")
+    return dict(json.loads(recipe_file.read_text()))

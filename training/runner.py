@@ -73,7 +73,8 @@ def run_recipe(
     parallel = recipe_parallel(recipe)
     out.mkdir(parents=True, exist_ok=True)
     if parallel.is_main:
-        written = {"recipe": str(recipe.source), "name": recipe.name, "facts": str(recipe.facts)}
+        written = {"recipe": str(recipe.source), "name": recipe.name, "preset": recipe.preset}
+        written["facts"] = str(recipe.facts)
         (out / "recipe.json").write_text(json.dumps(written, indent=2))
     results: dict[str, dict[str, Any]] = {}
     for stage in stages or recipe.stages:

@@ -222,3 +222,30 @@ def test_eval_command_end_to_end_on_a_random_init_model(
     assert "the judge on espeak-ng reference answers (agent voice): 0.500" in table
     assert "speaking half, 2 recorded dev answers" in table and "held-out answers" in table
     assert ("first clean misses" in table) == any(m["condition"] == "clean" for m in report["misses"])
+
+
+def test_speaking_only_eval_judges_a_run_assembled_from_its_parts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.unit.test_speak import make_parts
+
+    run = tmp_path / "run"
+    make_parts(run)  # lm, t2c, unit_language and vocoder, no listening stages and no model folder
+    make_corpus(run)
+    facts = str(write_fact_base(tmp_path / "facts"))
+    (run / "recipe.json").write_text(json.dumps({"recipe": "x", "preset": "tiny", "facts": facts}))
+    judges: list[WordJudge] = []
+
+    def new_judge(cpu_threads: int) -> WordJudge:
+        judges.append(WordJudge(cpu_threads=cpu_threads))
+        return judges[-1]
+
+    monkeypatch.setattr(training.judge, "Judge", new_judge)
+    assert main(["eval", "--speaking-only", "--run", str(run), "--threads", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "accuracy" not in report and report["model"] == f"{run} (its parts)"
+    assert report["speaking"]["answers"] == 2 and report["speaking"]["shares"]["original"] == 0.5
+    assert len(judges[0].clips) == 2 * 4  # the four renderings of each dev answer, no questions
+    table = format_report(report)
+    assert "speaking half, 2 recorded dev answers" in table and "unit compression" in table
+    assert main(["eval", "--speaking-only"]) == 2 and "give --run RUN" in capsys.readouterr().err
