@@ -64,6 +64,7 @@ def _settings(**changes: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
         "model": MICRO, "steps": 4, "batch_size": 2, "segment_frames": 8, "duration_batch": 2,
         "log_every": 1, "checkpoint_every": 100, "judge": False, "samples": 0, "warmup_steps": 1,
+        "duration_steps": 0,
     }
     return {**base, **changes}
 
@@ -264,6 +265,27 @@ def test_stage_resumes_after_a_cancel(units_run: Path, tmp_path: Path) -> None:
     assert summary["steps"] == 6
     steps = [step for step, _ in json.loads((run_dir / "vocoder" / METRICS_FILE).read_text())["curves"]["loss"]]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_duration_fit_trains_the_duration_predictor_alone(units_run: Path, tmp_path: Path) -> None:
+    parts = {}
+    for duration_steps in (0, 40):
+        run_dir = _copy_inputs(units_run, tmp_path / str(duration_steps))
+        settings = _settings(steps=2, duration_steps=duration_steps, log_every=10)
+        summary = run_stage(vocoder.run, StageContext(run_dir=run_dir, stage="vocoder", settings=settings))
+        parts[duration_steps] = (vocoder.load_vocoder(run_dir / "vocoder"), summary, run_dir)
+    (plain, plain_summary, run_dir), (fitted, summary, fitted_dir) = parts[0], parts[40]
+    assert plain_summary["final_duration_fit"] is None and summary["duration_fit_steps"] == 40
+    curve = json.loads((fitted_dir / "vocoder" / METRICS_FILE).read_text())["curves"]["duration_fit"]
+    assert [step for step, _ in curve] == [10, 20, 30, 40] and curve[-1][1] < curve[0][1]
+    fitted_state, plain_state = fitted.state_dict(), plain.state_dict()
+    for name, tensor in plain_state.items():
+        same = torch.equal(fitted_state[name], tensor)
+        assert same != name.startswith("dur_predictor."), name  # only the predictor moved
+    train = [u for u in vocoder.load_utterances(run_dir / "synth", run_dir / "units", 320) if u.split == "train"]
+    units, durations = vocoder.duration_batch(train, len(train), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert fitted.eval().duration_loss(units, durations) < plain.eval().duration_loss(units, durations)
 
 
 def test_time_cap_ends_the_schedule_and_says_so(units_run: Path, tmp_path: Path) -> None:
