@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from echox.checkpoint import load_part_weights, read_part_config, save_part
+from echox.errors import EchoXError
 from echox.models.echo_decoder import EchoDecoder, EchoDecoderConfig
 from echox.models.llm import build_llm
 from echox.models.presets import preset_tiny
@@ -311,3 +312,5 @@ def test_espeak_renderer_assigns_units_with_the_units_model(tmp_path: Path) -> N
 def test_unknown_setting_is_rejected() -> None:
     with pytest.raises(Exception, match="unknown keys"):
         t2c.T2CSettings.from_mapping({"stepz": 3})
+    with pytest.raises(EchoXError, match="must be in"):
+        t2c.T2CSettings.from_mapping({"unit_dropout": 1.0})

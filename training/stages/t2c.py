@@ -92,7 +92,10 @@ class T2CSettings:
         kwargs = settings_kwargs(cls, values, "t2c")
         if "phrase_words" in kwargs:
             kwargs["phrase_words"] = tuple(kwargs["phrase_words"])
-        return cls(**kwargs)
+        settings = cls(**kwargs)
+        if not (0.0 <= settings.dropout < 1.0 and 0.0 <= settings.unit_dropout < 1.0):
+            raise EchoXError("t2c: dropout and unit_dropout must be in [0, 1)")
+        return settings
 
 
 @dataclasses.dataclass(frozen=True)
