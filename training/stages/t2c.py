@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from echox.audio import FloatArray
 from echox.checkpoint import load_part_weights, read_part_config, save_part
 from echox.errors import EchoXError
 from echox.models.echo_decoder import EchoDecoder, EchoDecoderConfig
@@ -522,18 +523,24 @@ def train_decoder(
     return TrainResult(step, train_loss, dev_figures, stopped_early)
 
 
+def spoken_in_voice(texts: Sequence[str], voice: str, rate: int, pitch: int) -> Iterator[FloatArray]:
+    """`texts` said by espeak-ng in one voice, in order, two at a time (espeak-ng runs as a
+    subprocess, so threads overlap it)."""
+    from echox.espeak import speak
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        yield from pool.map(lambda text: speak(text, voice, rate, pitch), texts)
+
+
 def espeak_renderer(units_dir: Path, voice: str, rate: int, pitch: int) -> UnitRenderer:
     """Renders texts with espeak-ng in one voice and assigns units with the units stage's
     k-means (loaded on first use: a resumed run whose pieces are all cached never loads it)."""
 
     def render(texts: Sequence[str]) -> list[list[int]]:
-        from echox.espeak import speak
         from training.features import UnitExtractor
 
         extractor = UnitExtractor.load(units_dir)
-        with ThreadPoolExecutor(max_workers=2) as pool:  # espeak-ng runs as a subprocess
-            audios = pool.map(lambda text: speak(text, voice, rate, pitch), texts)
-            return [extractor.dedup_units(audio) for audio in audios]
+        return [extractor.dedup_units(audio) for audio in spoken_in_voice(texts, voice, rate, pitch)]
 
     return render
 

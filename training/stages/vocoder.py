@@ -169,29 +169,23 @@ def rendered_utterances(
     """`texts` said by espeak-ng in the agent's voice (`voice`: a synth answer row's voice, rate
     and pitch), with their units from the units stage's k-means: more training speech for the
     vocoder and its duration predictor. Never a dev answer: the caller passes train texts."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from echox.espeak import speak
     from echox.units.codec import dedup
+    from training.stages.t2c import spoken_in_voice
 
     extractor = UnitExtractor.load(units_dir)
-
-    def say(text: str) -> npt.NDArray[np.float32]:
-        return speak(text, str(voice["voice"]), int(voice["rate"]), int(voice["pitch"]))
-
+    spoken = spoken_in_voice(texts, str(voice["voice"]), int(voice["rate"]), int(voice["pitch"]))
     out = []
-    with ThreadPoolExecutor(max_workers=2) as pool:  # espeak-ng runs as a subprocess
-        for index, audio in enumerate(pool.map(say, texts)):
-            units, durations = dedup(extractor.frame_units(audio))
-            frames = sum(durations)
-            audio = np.pad(audio, (0, max(0, frames * hop_length - audio.size)))[: frames * hop_length]
-            f0 = pitch_track(audio, PitchConfig(hop_length=hop_length))
-            out.append(
-                Utterance(
-                    id=f"rendered-{index:05d}", fact_id="", split="train", audio=audio, source=None,
-                    units=tuple(units), durations=tuple(durations), log_f0=continuous_log_f0(f0), voiced=f0 > 0,
-                )
+    for index, audio in enumerate(spoken):
+        units, durations = dedup(extractor.frame_units(audio))
+        frames = sum(durations)
+        audio = np.pad(audio, (0, max(0, frames * hop_length - audio.size)))[: frames * hop_length]
+        f0 = pitch_track(audio, PitchConfig(hop_length=hop_length))
+        out.append(
+            Utterance(
+                id=f"rendered-{index:05d}", fact_id="", split="train", audio=audio, source=None,
+                units=tuple(units), durations=tuple(durations), log_f0=continuous_log_f0(f0), voiced=f0 > 0,
             )
+        )
     return out
 
 
