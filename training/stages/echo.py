@@ -492,7 +492,7 @@ def s2t_cached_states(folder: Path, model: EchoXModel, wanted: Sequence[Renditio
     probe = next((r for r in wanted if r.key in found and r.variant == CLEAN), None)
     if probe is None:
         return {}
-    cached, fresh = found[probe.key].float(), encode_audios(model, [read_wav(probe.question.path)])[0].float()
+    cached, fresh = found[probe.key].float(), encode_audios(model, [read_wav(probe.question.path)])[0].float().cpu()
     same = cached.shape == fresh.shape and torch.allclose(cached, fresh, rtol=1e-2, atol=1e-2)
     return found if same else {}
 
