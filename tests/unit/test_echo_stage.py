@@ -260,6 +260,14 @@ def test_smoke_run_trains_the_speaking_side_and_writes_a_model(run_dir: Path, st
         assert len(index) == 1 and (out / "samples" / f"{index[0]['id']}.wav").is_file()
 
 
+def test_a_frozen_decoder_stays_as_stage_two_left_it_while_the_aligner_learns(run_dir: Path) -> None:
+    run_stage(echo.run, context(run_dir, "echo", {**SMOKE, "train_decoder": False, "samples": 0}))
+    trained, start = EchoX.from_pretrained(run_dir / "echo" / "model"), EchoX.from_pretrained(run_dir / "s2t" / "model")
+    for name, should_change in (("echo_decoder", False), ("aligner", True)):
+        pairs = zip(getattr(start.model, name).parameters(), getattr(trained.model, name).parameters(), strict=True)
+        assert any(not torch.equal(a, b) for a, b in pairs) == should_change, name
+
+
 @pytest.mark.parametrize("same_encoder", [True, False])
 def test_the_s2t_stage_cached_states_are_reused_when_its_encoder_is_this_one(
     run_dir: Path, monkeypatch: pytest.MonkeyPatch, same_encoder: bool

@@ -122,6 +122,9 @@ class EchoSettings:
     denoise_ratio: float = 0.2  # w = min(1, denoise_ratio · CE_units / L_denoise)
     echo_grad_to_llm: bool = True  # the unit losses also reach the LLM through its hidden states
     train_llm: bool = True  # False: the LLM stays as stage I left it (the large presets: no LoRA here)
+    # False: the echo decoder stays as stage II left it and only the aligner learns to feed it
+    # (the spec trains both; this keeps the text-to-units path of `echox speak` intact).
+    train_decoder: bool = True
     facts: str = "train"  # "train": facts whose recorded answer is in the train split; "all"
     clean_per_text: int = 1  # clean train clips per question text (listen_data.plan_renditions)
     augmented_per_text: int = 0
@@ -363,7 +366,8 @@ def make_optimizer(model: EchoXModel, settings: EchoSettings) -> torch.optim.Ada
     # The LLM's (tied) token table stays frozen: the echo decoder reads it as its text rows.
     model.llm.requires_grad_(settings.train_llm)
     model.llm.get_input_embeddings().requires_grad_(False)
-    speak = [*model.aligner.parameters(), *model.echo_decoder.parameters()]
+    model.echo_decoder.requires_grad_(settings.train_decoder)
+    speak = [p for p in (*model.aligner.parameters(), *model.echo_decoder.parameters()) if p.requires_grad]
     listen = [p for name in TRAINED_MODULES[:4] for p in getattr(model, name).parameters() if p.requires_grad]
     groups = [{"params": speak, "peak_lr": settings.lr_speak}, {"params": listen, "peak_lr": settings.lr_listen}]
     return torch.optim.AdamW(groups, lr=settings.lr_speak, betas=(0.9, 0.98), weight_decay=settings.weight_decay)
