@@ -29,11 +29,12 @@ import dataclasses
 import random
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedModel
 
 from echox.audio import read_wav
 from echox.checkpoint import EchoX
@@ -315,7 +316,8 @@ def add_lora(model: EchoXModel, settings: S2TSettings) -> None:
         r=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
         target_modules=list(settings.lora_targets), bias="none",
     )
-    model.llm = get_peft_model(model.llm, config)
+    # The peft wrapper forwards every call and attribute to the LLM it wraps: typed as that LLM.
+    model.llm = cast(PreTrainedModel, get_peft_model(model.llm, config))
 
 
 def merge_lora(model: EchoXModel) -> None:
