@@ -40,7 +40,7 @@ app.conf.update(
 )
 
 
-@worker_process_init.connect
+@worker_process_init.connect  # type: ignore[untyped-decorator]  # celery ships no types
 def _allow_stage_subprocesses(**_: Any) -> None:
     """Prefork children are daemonic, and daemonic processes may not start children; stages
     parallelise with process pools (synthesis, feature extraction), so lift that flag here."""
@@ -77,7 +77,7 @@ class CeleryReporter:
             self.task.update_state(state="PROGRESS", meta=dict(self.state))
 
 
-@app.task(bind=True, name="echox.training.run_stage")
+@app.task(bind=True, name="echox.training.run_stage")  # type: ignore[untyped-decorator]
 def run_stage_task(self: Task, recipe: str, run_dir: str, stage: str) -> dict[str, Any]:
     """Runs one stage of `recipe` into `run_dir` (skipped if it already finished)."""
     loaded = load_recipe(recipe, settings.data_root)
