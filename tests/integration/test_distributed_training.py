@@ -24,6 +24,7 @@ from echox.errors import ConfigError
 from tests.unit.test_echo_stage import SMOKE as ECHO_SMOKE
 from tests.unit.test_echo_stage import make_echo_run
 from tests.unit.test_s2t_stage import SMOKE as S2T_SMOKE
+from tests.unit.test_s2t_stage import module_moved
 from training.assemble import assemble_parts
 from training.distributed import DistributedSettings, Parallel
 from training.recipe import load_recipe
@@ -58,9 +59,7 @@ def test_two_processes_train_s2t_and_echo_in_step(tmp_path: Path) -> None:
     assert set(json.loads((run / "report.json").read_text())) == {"s2t", "echo"}
     assert done.stdout.count("s2t ") == 1  # rank 0 alone prints the summary
     start, trained = assemble_parts(run, seed=3), EchoX.from_pretrained(run / "s2t" / "model")
-    moved = [n for n, p in trained.model.speech_adapter.named_parameters()
-             if not torch.equal(p, dict(start.model.speech_adapter.named_parameters())[n])]
-    assert moved
+    assert module_moved(start, trained, "speech_adapter")
     assert EchoX.from_pretrained(run / "echo" / "model").model.echo_decoder is not None
     step = json.loads((run / "s2t" / "checkpoint" / "state.json").read_text())["step"]
     assert step == 6  # one checkpoint, written by rank 0

@@ -23,6 +23,7 @@ from echox.models.llm import LLMConfig, build_llm
 from tests.unit.test_echo_stage import SMOKE as ECHO_SMOKE
 from tests.unit.test_echo_stage import make_echo_run
 from tests.unit.test_s2t_stage import SMOKE as S2T_SMOKE
+from tests.unit.test_s2t_stage import module_moved
 from training.recipe import RECIPES_DIR
 from training.stage import DONE_FILE
 
@@ -94,8 +95,7 @@ def check_run(run: Path, preset: str, device: str, processes: int) -> None:
     for (name, before), after in zip(s2t.model.llm.state_dict().items(), echo.model.llm.state_dict().values(),
                                      strict=True):
         assert torch.equal(before, after), name
-    assert any(not torch.equal(a, b) for a, b in zip(s2t.model.echo_decoder.parameters(),
-                                                     echo.model.echo_decoder.parameters(), strict=True))
+    assert module_moved(s2t, echo, "echo_decoder")
 
 
 def bf16(weights: torch.Tensor) -> torch.Tensor:

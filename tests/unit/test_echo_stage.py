@@ -17,7 +17,7 @@ from echox.streaming.stages import AnswerEnd, HiddenSegment, SpeechLLMStage, Uni
 from echox.tokenizer import byte_level_tokenizer
 from echox.units.codec import UnitLanguageCodec
 from tests.unit.test_listen_data import FACTS, make_spoken_run, tone
-from tests.unit.test_s2t_stage import Recorder, example_of
+from tests.unit.test_s2t_stage import Recorder, example_of, module_moved
 from tests.unit.test_speak import NUM_UNITS, make_parts
 from training import speak
 from training.assemble import assemble_parts
@@ -231,12 +231,6 @@ def run_dir(tmp_path: Path) -> Path:
 def context(run: Path, stage: str, settings: dict[str, Any], reporter: Recorder | None = None) -> StageContext:
     return StageContext(run_dir=run, stage=stage, settings=settings, facts=run.parent / "facts", seed=3,
                         reporter=reporter or Recorder())
-
-
-def module_moved(start: EchoX, trained: EchoX, name: str) -> bool:
-    """Whether any weight of the model's module `name` differs between the two models."""
-    pairs = zip(getattr(start.model, name).parameters(), getattr(trained.model, name).parameters(), strict=True)
-    return any(not torch.equal(a, b) for a, b in pairs)
 
 
 @pytest.mark.parametrize(("stage", "targets"), [("echo", "echo"), ("echo_gold", "gold")])
