@@ -13,7 +13,11 @@ share of answers whose key words the judge (Whisper tiny.en, `training.judge`) h
 - `resynth_true_durations`: the same with the recorded durations (the vocoder alone),
 - `speak`: `echox speak` of the answer text (echo decoder → units → vocoder),
 
-and each share's ratio to `original`. The judge is evaluation only, never in the product path.
+and each share's ratio to `original`. 49 answers make one answer 0.02, too coarse to compare two
+T2Cs, so `speak` is also judged on the answers with their key words swapped for other facts'
+("The capital of Italy is Cairo.", `--speak-swaps` per answer, never a text the T2C trained on):
+about 100 more held-out texts, reported beside the answers' share and pooled with it. The judge is
+evaluation only, never in the product path.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -90,6 +95,40 @@ def load_answers(run_dir: Path, split: str, facts: Mapping[str, Mapping[str, Any
     return answers
 
 
+@dataclasses.dataclass(frozen=True)
+class SwappedText:
+    """A held-out answer with its key words swapped for another fact's: a text for `speak` only."""
+
+    text: str
+    keys: tuple[str, ...]  # the other fact's, which the judge must hear
+    answer_id: str  # the answer it was made from
+
+
+def swapped_texts(
+    run_dir: Path, answers: Sequence[EvalAnswer], facts: Sequence[Mapping[str, Any]], per_answer: int, seed: int
+) -> list[SwappedText]:
+    """Each answer with its key words swapped for those of up to `per_answer` other facts of its
+    category, never a text the run's T2C trained on (its rendered pieces, the train answers), and
+    only where the swap put the other fact's key words in. Deterministic for a seed."""
+    from training.judge import has_key_words
+    from training.stages.t2c import PIECES_FILE, swap_words
+
+    trained = {row["text"] for row in _jsonl(run_dir / "synth" / "answers.jsonl") if row["split"] == "train"}
+    pieces = run_dir / "t2c" / PIECES_FILE
+    if pieces.is_file():
+        trained |= {row["text"] for row in _jsonl(pieces)}
+    by_id = {fact["id"]: fact for fact in facts}
+    rng, out = random.Random(seed), list[SwappedText]()
+    for answer in answers:
+        category = by_id[answer.fact_id]["category"]
+        others = [f for f in facts if f["category"] == category and f["id"] != answer.fact_id]
+        for other in rng.sample(others, min(per_answer, len(others))):
+            text = swap_words(answer.text, answer.keys, other["key"])
+            if text != answer.text and text not in trained and has_key_words(text, other["key"]):
+                out.append(SwappedText(text, tuple(other["key"]), answer.id))
+    return out
+
+
 def speaking_versions(echox: EchoX, answer: EvalAnswer) -> dict[str, npt.NDArray[np.float32]]:
     """The four renderings of one answer that the judge listens to (16 kHz float32)."""
     import torch
@@ -117,10 +156,13 @@ def speaking_report(
     judge: Listener,
     on_each: Callable[[], None] = lambda: None,
     samples_dir: Path | None = None,
+    swapped: Sequence[SwappedText] = (),
 ) -> dict[str, Any]:
-    """Shares heard per version, their ratios to the original, and what the judge heard on misses."""
+    """Shares heard per version, their ratios to the original, and what the judge heard on misses;
+    with `swapped`, `speak` of those texts too, alone and pooled with the answers'."""
     from echox.audio import write_wav
     from training.judge import has_key_words
+    from training.speak import speak_text
 
     heard = dict.fromkeys(SPEAKING_VERSIONS, 0)
     misses: dict[str, list[dict[str, str]]] = {name: [] for name in SPEAKING_VERSIONS}
@@ -136,7 +178,22 @@ def speaking_report(
         on_each()
     shares = {name: heard[name] / len(answers) for name in SPEAKING_VERSIONS}
     ratios = {name: shares[name] / shares["original"] if shares["original"] else 0.0 for name in SPEAKING_VERSIONS}
-    return {"answers": len(answers), "shares": shares, "vs_original": ratios, "misses": misses}
+    report: dict[str, Any] = {"answers": len(answers), "shares": shares, "vs_original": ratios, "misses": misses}
+    if swapped:
+        swapped_misses = []
+        for item in swapped:
+            transcript = judge.transcribe(speak_text(echox, item.text))
+            if not has_key_words(transcript, item.keys):
+                swapped_misses.append({"id": item.answer_id, "text": item.text, "heard": transcript})
+            on_each()
+        swapped_heard = len(swapped) - len(swapped_misses)
+        report["swapped"] = {
+            "texts": len(swapped),
+            "speak": swapped_heard / len(swapped),
+            "speak_pooled": (heard["speak"] + swapped_heard) / (len(answers) + len(swapped)),
+            "misses": swapped_misses,
+        }
+    return report
 
 
 def register_cli(sub: Any) -> None:
@@ -158,6 +215,13 @@ def register_cli(sub: Any) -> None:
         help="judge only the speaking half on --run's held-out answers (no questions); without --model the "
         "run's finished parts (lm, t2c, unit_language, vocoder) are assembled",
     )
+    p.add_argument(
+        "--speak-swaps",
+        type=int,
+        default=3,
+        help="with --run: also judge `speak` of each answer with its key words swapped for up to N other "
+        "facts' (default: 3; 0: none)",
+    )
     p.add_argument("--samples", help="write every spoken answer the judge heard into this folder")
     p.add_argument("--threads", type=int, default=2, help="CPU threads of the model and of the judge (default: 2)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -174,6 +238,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.limit < 1:
         raise EchoXError(f"eval: --limit must be at least 1, got {args.limit}")
+    if args.speak_swaps < 0:
+        raise EchoXError(f"eval: --speak-swaps must be 0 or more, got {args.speak_swaps}")
     run_dir = Path(args.run) if args.run else None
     if args.speaking_only and run_dir is None:
         raise EchoXError("eval: --speaking-only judges a training run's held-out answers; give --run RUN")
@@ -181,12 +247,13 @@ def run_eval(args: argparse.Namespace) -> int:
     base = load_fact_base(_facts_dir(run_dir, args.facts))
     questions = [] if args.speaking_only else eval_questions(base, args.split, args.seed, args.limit)
     answers = load_answers(run_dir, args.split, {f["id"]: f for f in base.facts}) if run_dir else []
+    swapped = swapped_texts(run_dir, answers, base.facts, args.speak_swaps, args.seed) if run_dir else []
     echox, model_name = _load_model(args.model, run_dir if args.speaking_only else None)
     judge = Judge(cpu_threads=args.threads)
     samples = Path(args.samples) if args.samples else None
     if samples is not None:
         samples.mkdir(parents=True, exist_ok=True)
-    total = len(questions) * (len(conditions(base.voices)) + 1) + len(answers)
+    total = len(questions) * (len(conditions(base.voices)) + 1) + len(answers) + len(swapped)
     started = time.perf_counter()
     with RichReporter() as reporter:
         reporter.start("eval", total=total, unit="turns")
@@ -196,7 +263,7 @@ def run_eval(args: argparse.Namespace) -> int:
             turns = PipelineTurns(echox)
             report = evaluate_questions(turns, judge, questions, base.voices, echox.codec, args.seed, tick, samples)
         if run_dir is not None:
-            report["speaking"] = speaking_report(echox, answers, judge, tick, samples)  # every one of the split
+            report["speaking"] = speaking_report(echox, answers, judge, tick, samples, swapped)  # the whole split
             report["streaming"]["compression_held_out"] = echox.codec.compression_ratio(a.units for a in answers)
     report.update(model=model_name, split=args.split, seed=args.seed, run=str(run_dir) if run_dir else None)
     report["seconds"] = round(time.perf_counter() - started, 1)  # judging included, loading not
@@ -227,6 +294,12 @@ def format_report(report: Mapping[str, Any]) -> str:
         for name in SPEAKING_VERSIONS:
             lines.append(
                 f"  {name:<24} {speaking['shares'][name]:6.3f}   {speaking['vs_original'][name]:6.3f} x original"
+            )
+        if "swapped" in speaking:
+            swaps = speaking["swapped"]
+            lines.append(
+                f"  {'speak, key words swapped':<24} {swaps['speak']:6.3f}   ({swaps['texts']} more held-out texts; "
+                f"with the answers {swaps['speak_pooled']:.3f})"
             )
         if "accuracy" not in report:
             lines.append(f"  unit compression: {report['streaming']['compression_held_out']:.3f} units per token")

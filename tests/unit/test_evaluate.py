@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from echox.checkpoint import EchoX
 from echox.errors import EchoXError
 from tests.unit.test_speak import make_parts
 from training.assemble import assemble_model
-from training.evaluate import SPEAKING_VERSIONS, load_answers, speaking_report
+from training.evaluate import SPEAKING_VERSIONS, load_answers, speaking_report, swapped_texts
 
 FACTS = {"f1": {"id": "f1", "key": ["Paris"]}, "f2": {"id": "f2", "key": ["seven"]}}
 
@@ -91,3 +92,49 @@ def test_speaking_report_judges_four_renderings_and_compares_with_the_original(
     assert 9 * hop in judge.heard  # the resynthesis with the recorded durations: 3 + 4 + 2 frames
     written = sorted(p.name for p in tmp_path.glob("*.wav"))
     assert len(written) == 2 * (len(SPEAKING_VERSIONS) - 1)
+
+
+CATEGORIZED = [
+    {"id": "f1", "category": "capital", "key": ["Paris"]},
+    {"id": "f2", "category": "count", "key": ["seven"]},
+    {"id": "f3", "category": "capital", "key": ["Rome"]},
+    {"id": "f4", "category": "capital", "key": ["Oslo"]},
+]
+
+
+def test_swapped_texts_put_another_facts_key_words_in_and_skip_what_the_t2c_trained_on(
+    run_with_model: tuple[Path, EchoX], tmp_path: Path
+) -> None:
+    run, _ = run_with_model
+    answers = load_answers(run, "dev", FACTS)
+    swapped = swapped_texts(run, answers, CATEGORIZED, per_answer=3, seed=0)
+    # a1 ("It is Paris.") takes each other capital; a2's category has no other fact
+    assert sorted((s.text, s.keys, s.answer_id) for s in swapped) == [
+        ("It is Oslo.", ("Oslo",), "a1"),
+        ("It is Rome.", ("Rome",), "a1"),
+    ]
+    assert swapped_texts(run, answers, CATEGORIZED, per_answer=1, seed=0)[0].text in {"It is Oslo.", "It is Rome."}
+    trained = tmp_path / "run"
+    shutil.copytree(run, trained)
+    (trained / "t2c").mkdir(exist_ok=True)
+    (trained / "t2c" / "pieces.jsonl").write_text(json.dumps({"text": "It is Rome.", "units": [1]}) + "\n")
+    assert [s.text for s in swapped_texts(trained, answers, CATEGORIZED, per_answer=3, seed=0)] == ["It is Oslo."]
+
+
+def test_speaking_report_judges_speak_of_the_swapped_texts_alone_and_pooled(
+    run_with_model: tuple[Path, EchoX],
+) -> None:
+    run, echox = run_with_model
+    answers = load_answers(run, "dev", FACTS)
+    swapped = swapped_texts(run, answers, CATEGORIZED, per_answer=3, seed=0)
+
+    class HearsRome:  # every rendering sounds like "rome" to it: only the Rome text is heard
+        def transcribe(self, audio: npt.NDArray[np.float32]) -> str:
+            return "it is rome"
+
+    report = speaking_report(echox, answers, HearsRome(), swapped=swapped)
+    assert report["shares"]["speak"] == 0.0
+    assert report["swapped"]["texts"] == 2 and report["swapped"]["speak"] == 0.5
+    assert report["swapped"]["speak_pooled"] == 1 / 4
+    assert [m["text"] for m in report["swapped"]["misses"]] == ["It is Oslo."]
+    assert "swapped" not in speaking_report(echox, answers, HearsRome())
