@@ -163,7 +163,7 @@ def _sum_harmonics(amplitude: torch.Tensor, cycles: torch.Tensor, hop: int) -> t
 
     Between two frame centres the amplitude is a fixed blend of two frames, so each stretch of
     `hop` samples is two small matrix products with the sines instead of a [B, K, T·hop] amplitude
-    tensor and its product: about half the time of a training step, forward and backward."""
+    tensor and its product (a tiny-recipe batch on two cores: 60 ms forward instead of 106)."""
     batch, frames, harmonics = amplitude.shape
     lead = (hop + 1) // 2  # stretch j covers the samples between frame centres j-1 and j (edges held)
     padded = torch.cat([amplitude[:, :1], amplitude, amplitude[:, -1:]], dim=1)  # [B, T+2, K]
