@@ -10,9 +10,12 @@ centroids): the agent speaks in one voice at one level, so absolute loudness is 
 (silence, stops and vowels stay apart), whereas per-utterance normalisation would shift every
 frame of a short answer by that answer's own mix of sounds and smear the clusters.
 
-Extension point: `FeatureConfig.kind` names the feature. Only "log_mel" exists; a layer of our
-own trained speech encoder would be a second kind (frames at the same 50 Hz); the k-means, the
-dedup and the vocoder do not care which.
+`FeatureConfig.kind` names the feature: "log_mel", or "encoder", the states after
+`encoder_layers` layers of the run's own trained speech encoder (the `asr` stage's, 50 Hz, one
+state per hop; the paper's HuBERT units are such a layer). Encoder units keep what the ASR
+learned to tell apart (the sounds) and drop much of what it did not (pitch, level), so a text
+maps to them more consistently. The encoder's weights are saved with the k-means, so a units
+folder alone extracts units; the k-means, the dedup and the vocoder do not care which kind.
 """
 
 from __future__ import annotations
@@ -29,13 +32,17 @@ import numpy.typing as npt
 import torch
 from safetensors.torch import load_file, save_file
 
+from echox.audio import SAMPLE_RATE
+from echox.checkpoint import load_part_weights, read_part_config, save_part
 from echox.config import ConfigBase
 from echox.errors import ConfigError, ModelLoadError
+from echox.models.speech_encoder import SAMPLES_PER_STATE, SpeechEncoder, SpeechEncoderConfig
 from echox.units.codec import dedup
 
 UNITS_CONFIG_FILE = "units.json"
 KMEANS_FILE = "kmeans.safetensors"
-FEATURE_KINDS = ("log_mel",)
+FEATURE_KINDS = ("log_mel", "encoder")
+ENCODER_PART = "speech_encoder"  # the units folder's copy of the asr stage's encoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +58,7 @@ class FeatureConfig(ConfigBase):
     f_min: float = 0.0
     f_max: float = 8_000.0
     log_floor: float = 1e-5  # log(max(mel, floor)): silence becomes one flat value, not -inf
+    encoder_layers: int = 0  # kind "encoder": layers run before the states are read (0 = all + final norm)
 
     def __post_init__(self) -> None:
         if self.kind not in FEATURE_KINDS:
@@ -63,6 +71,11 @@ class FeatureConfig(ConfigBase):
             raise ConfigError("features: need 0 <= f_min < f_max <= sample_rate / 2")
         if self.num_mels < 1 or self.log_floor <= 0:
             raise ConfigError("features: num_mels must be >= 1 and log_floor > 0")
+        if self.encoder_layers < 0:
+            raise ConfigError("features: encoder_layers must be >= 0 (0 = every layer)")
+        if self.kind == "encoder" and self.hop_length * self.sample_rate != SAMPLES_PER_STATE * SAMPLE_RATE:
+            raise ConfigError(f"features: encoder states come at {SAMPLE_RATE // SAMPLES_PER_STATE} Hz; "
+                              f"hop_length must be {SAMPLES_PER_STATE} at {SAMPLE_RATE} Hz")
 
     @property
     def frame_rate(self) -> float:
@@ -117,10 +130,56 @@ class LogMel:
         return torch.log(torch.clamp(mel, min=c.log_floor)).T.contiguous()
 
 
-def build_features(config: FeatureConfig) -> LogMel:
-    """The feature function named by `config.kind` (the place to add an encoder-layer kind)."""
+class EncoderStates:
+    """Audio (16 kHz float) → the speech encoder's states after `encoder_layers` layers, [T, d_model],
+    T = samples // hop, state t read for hop t. Audio longer than the encoder's window is read in
+    windows one after another."""
+
+    MARGIN_STATES = 25  # padding after the audio in a cropped window, as the asr stage trains it
+
+    def __init__(self, config: FeatureConfig, encoder: SpeechEncoder) -> None:
+        depth = len(encoder.whisper.layers)
+        if config.encoder_layers > depth:
+            raise ConfigError(f"features: encoder_layers {config.encoder_layers} > the encoder's {depth} layers")
+        self.config = config
+        self.encoder = encoder.eval()
+
+    @torch.no_grad()
+    def __call__(self, audio: npt.NDArray[np.float32] | torch.Tensor) -> torch.Tensor:
+        from training.stages.asr import encode_window, window_log_mel
+
+        wav = np.asarray(audio, dtype=np.float32).reshape(-1)
+        hop, frames = self.config.hop_length, wav.size // self.config.hop_length
+        # Whisper's state t is centred on sample hop·t, hop t's middle half a hop later: read the
+        # audio from half a hop on and state t lands on hop t.
+        wav = wav[hop // 2 : frames * hop]
+        limit = self.encoder.config.max_source_positions
+        step = limit - self.MARGIN_STATES - 1
+        pieces = [torch.zeros(0, self.encoder.config.d_model)]
+        for start in range(0, frames, step):
+            piece = wav[start * hop : (start + step) * hop]
+            window = min(limit, self.encoder.num_states(piece.size) + self.MARGIN_STATES)
+            features = window_log_mel(self.encoder, [piece], window)
+            states = encode_window(self.encoder.whisper, features, self.config.encoder_layers)
+            pieces.append(states[0, : min(step, frames - start)].float())
+        return torch.cat(pieces)
+
+
+def load_speech_encoder(folder: Path) -> SpeechEncoder:
+    """The SpeechEncoder part saved in `folder` (an asr stage's output, or a units folder)."""
+    encoder = SpeechEncoder(read_part_config(folder, ENCODER_PART, SpeechEncoderConfig))
+    load_part_weights(folder, ENCODER_PART, encoder)
+    return encoder.eval()
+
+
+def build_features(config: FeatureConfig, encoder: SpeechEncoder | None = None) -> LogMel | EncoderStates:
+    """The feature function named by `config.kind`; kind "encoder" reads `encoder`'s states."""
     if config.kind == "log_mel":
         return LogMel(config)
+    if config.kind == "encoder":
+        if encoder is None:
+            raise ConfigError("features: kind 'encoder' needs the trained speech encoder (the asr stage)")
+        return EncoderStates(config, encoder)
     raise ConfigError(f"features: unknown kind {config.kind!r}")
 
 
@@ -128,12 +187,18 @@ class UnitExtractor:
     """Features → global normalisation → nearest k-means centroid: one unit id per 50 Hz frame."""
 
     def __init__(
-        self, config: FeatureConfig, mean: torch.Tensor, std: torch.Tensor, centroids: torch.Tensor
+        self,
+        config: FeatureConfig,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        centroids: torch.Tensor,
+        encoder: SpeechEncoder | None = None,
     ) -> None:
         if centroids.ndim != 2 or centroids.shape[1] != mean.numel() or mean.shape != std.shape:
             raise ValueError("UnitExtractor: centroids [k, dim], mean [dim] and std [dim] must agree")
         self.config = config
-        self.features = build_features(config)
+        self.encoder = encoder if config.kind == "encoder" else None
+        self.features = build_features(config, encoder)
         self.mean = mean.float()
         self.std = std.float()
         self.centroids = centroids.float()
@@ -165,12 +230,15 @@ class UnitExtractor:
         return dedup(self.frame_units(audio))[0]
 
     def quantized_features(self, units: Sequence[int]) -> torch.Tensor:
-        """Frame units → the centroids in feature space (un-normalised log-mel), [T, dim]."""
+        """Frame units → the centroids in feature space (un-normalised), [T, dim]."""
         return self.centroids[torch.as_tensor(list(units), dtype=torch.long)] * self.std + self.mean
 
     def save(self, folder: Path, extra: dict[str, Any] | None = None) -> None:
-        """`units.json` (feature config, k, extra figures) + `kmeans.safetensors` (centroids, stats)."""
+        """`units.json` (feature config, k, extra figures) + `kmeans.safetensors` (centroids, stats),
+        and for kind "encoder" the encoder as `speech_encoder.{safetensors,json}`."""
         folder.mkdir(parents=True, exist_ok=True)
+        if self.encoder is not None:
+            save_part(folder, ENCODER_PART, self.encoder, self.encoder.config)
         tensors = {"centroids": self.centroids, "mean": self.mean, "std": self.std}
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / KMEANS_FILE))
         payload = {"features": self.config.to_dict(), "num_units": self.num_units, **(extra or {})}
@@ -186,7 +254,8 @@ class UnitExtractor:
             payload = json.loads(config_path.read_text())
             config = FeatureConfig.from_dict(payload["features"])
             tensors = load_file(str(weights_path))
-            extractor = cls(config, tensors["mean"], tensors["std"], tensors["centroids"])
+            encoder = load_speech_encoder(folder) if config.kind == "encoder" else None
+            extractor = cls(config, tensors["mean"], tensors["std"], tensors["centroids"], encoder)
         except (KeyError, ValueError, ConfigError, json.JSONDecodeError) as exc:
             raise ModelLoadError(f"{folder}: unreadable unit model ({exc})") from None
         if extractor.num_units != payload.get("num_units"):

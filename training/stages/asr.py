@@ -291,15 +291,19 @@ def whisper_config(encoder: SpeechEncoderConfig, tokenizer: TextTokenizer, setti
     return config
 
 
-def encode_window(encoder: WhisperEncoder, features: torch.Tensor) -> torch.Tensor:
+def encode_window(encoder: WhisperEncoder, features: torch.Tensor, layers: int = 0) -> torch.Tensor:
     """WhisperEncoder.forward on the first frames of its window: [B, mels, 2T] → [B, T, d].
-    Identical to the HF forward when given the whole window (tests check it)."""
+    Identical to the HF forward when given the whole window (tests check it). With `layers` < the
+    encoder's depth, the states after that many layers (no final norm; 0 = all)."""
     hidden = F.gelu(encoder.conv1(features))
     hidden = F.gelu(encoder.conv2(hidden)).permute(0, 2, 1)
     hidden = hidden + encoder.embed_positions.weight[: hidden.shape[1]]
     hidden = F.dropout(hidden, p=encoder.dropout, training=encoder.training)
-    for layer in encoder.layers:
+    depth = len(encoder.layers) if layers <= 0 else min(layers, len(encoder.layers))
+    for layer in encoder.layers[:depth]:
         hidden = layer(hidden, None)
+    if depth < len(encoder.layers):
+        return hidden
     states: torch.Tensor = encoder.layer_norm(hidden)
     return states
 

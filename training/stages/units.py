@@ -1,12 +1,15 @@
-"""Stage `units`: speech units of the agent's answers (log-mel frames → k-means ids at 50 Hz).
+"""Stage `units`: speech units of the agent's answers (features → k-means ids at 50 Hz).
 
-Features of every agent answer (`RUN/synth/answers.jsonl`) are computed; the train split fits
+Features of every agent answer (`RUN/synth/answers.jsonl`) are computed: log-mel frames by
+default, or with `features: {kind: encoder, encoder_layers: N}` the states of the `asr` stage's
+trained speech encoder after N layers (the recipe then runs `asr` before `units`). The train split fits
 the global normalisation and a k-means (k = `num_units`, deterministic for the seed); every
 answer, train and dev, is then turned into units, deduplicated, with the run lengths kept for
 the vocoder.
 
 Output (`RUN/units/`): `units.json` (feature config, k, figures) + `kmeans.safetensors`
-(centroids and normalisation, read by `training.features.UnitExtractor.load`), and `units.jsonl`
+(centroids and normalisation, read by `training.features.UnitExtractor.load`; for encoder
+features also the encoder, `speech_encoder.{safetensors,json}`), and `units.jsonl`
 with one line per answer: {"id", "fact_id", "split", "units" (deduplicated), "durations"}.
 
 CLI: `echox units extract` applies a trained k-means to a manifest's audio, and
@@ -26,8 +29,16 @@ import torch
 
 from echox.audio import read_wav
 from echox.errors import EchoXError
+from echox.models.speech_encoder import SpeechEncoder
 from echox.units.codec import dedup
-from training.features import FeatureConfig, UnitExtractor, build_features, feature_stats, fit_kmeans
+from training.features import (
+    FeatureConfig,
+    UnitExtractor,
+    build_features,
+    feature_stats,
+    fit_kmeans,
+    load_speech_encoder,
+)
 from training.stage import StageContext, settings_kwargs
 
 UNITS_MANIFEST = "units.jsonl"
@@ -74,13 +85,18 @@ def write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
 
 
 def fit_extractor(
-    features: Sequence[torch.Tensor], config: FeatureConfig, num_units: int, seed: int, max_iter: int = 100
+    features: Sequence[torch.Tensor],
+    config: FeatureConfig,
+    num_units: int,
+    seed: int,
+    max_iter: int = 100,
+    encoder: SpeechEncoder | None = None,
 ) -> UnitExtractor:
     """Global normalisation + k-means over the stacked frames of `features` (train answers)."""
     frames = torch.cat([f for f in features if f.shape[0]])
     mean, std = feature_stats(frames)
     centroids = fit_kmeans((frames - mean) / std, num_units, seed, max_iter)
-    return UnitExtractor(config, mean, std, centroids)
+    return UnitExtractor(config, mean, std, centroids, encoder)
 
 
 def extract_rows(
@@ -121,15 +137,16 @@ def run(ctx: StageContext) -> dict[str, Any]:
     train = [row for row in answers if row["split"] == "train"]
     if not train:
         raise EchoXError("units: synth's answers.jsonl has no train answers")
+    encoder = load_speech_encoder(ctx.input("asr")) if config.kind == "encoder" else None
     ctx.reporter.start(ctx.stage, total=len(train) + len(answers), unit="answers")
-    features = build_features(config)
+    features = build_features(config, encoder)
     train_features = []
     for row in train:
         ctx.check_cancelled()
         train_features.append(features(read_wav(synth / row["path"])))
         ctx.reporter.advance(1)
     ctx.reporter.log(f"units: k-means with k={settings.num_units} over {sum(len(f) for f in train_features)} frames")
-    extractor = fit_extractor(train_features, config, settings.num_units, ctx.seed, settings.max_iter)
+    extractor = fit_extractor(train_features, config, settings.num_units, ctx.seed, settings.max_iter, encoder)
 
     def each() -> None:
         ctx.check_cancelled()
