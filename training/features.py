@@ -12,10 +12,11 @@ frame of a short answer by that answer's own mix of sounds and smear the cluster
 
 `FeatureConfig.kind` names the feature: "log_mel", or "encoder", the states after
 `encoder_layers` layers of the run's own trained speech encoder (the `asr` stage's, 50 Hz, one
-state per hop; the paper's HuBERT units are such a layer). Encoder units keep what the ASR
-learned to tell apart (the sounds) and drop much of what it did not (pitch, level), so a text
-maps to them more consistently. The encoder's weights are saved with the k-means, so a units
-folder alone extracts units; the k-means, the dedup and the vocoder do not care which kind.
+state per hop; the paper's HuBERT units are such a layer). Encoder units are meant to keep what
+the ASR learned to tell apart (the sounds) and drop what it did not (pitch, level); from the tiny
+recipe's 4-layer encoder they came out worse than log-mel for T2C and vocoder alike (README), so
+log-mel is the default. The encoder's weights are saved with the k-means, so a units folder
+alone extracts units; the k-means, the dedup and the vocoder do not care which kind.
 """
 
 from __future__ import annotations
