@@ -74,9 +74,10 @@ class FeatureConfig(ConfigBase):
             raise ConfigError("features: num_mels must be >= 1 and log_floor > 0")
         if self.encoder_layers < 0:
             raise ConfigError("features: encoder_layers must be >= 0 (0 = every layer)")
-        if self.kind == "encoder" and self.hop_length * self.sample_rate != SAMPLES_PER_STATE * SAMPLE_RATE:
-            raise ConfigError(f"features: encoder states come at {SAMPLE_RATE // SAMPLES_PER_STATE} Hz; "
-                              f"hop_length must be {SAMPLES_PER_STATE} at {SAMPLE_RATE} Hz")
+        if self.kind == "encoder" and (self.sample_rate, self.hop_length) != (SAMPLE_RATE, SAMPLES_PER_STATE):
+            raise ConfigError(f"features: encoder states come at {SAMPLE_RATE // SAMPLES_PER_STATE} Hz from "
+                              f"{SAMPLE_RATE} Hz audio; sample_rate must be {SAMPLE_RATE} and "
+                              f"hop_length must be {SAMPLES_PER_STATE}")
 
     @property
     def frame_rate(self) -> float:

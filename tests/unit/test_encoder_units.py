@@ -71,6 +71,8 @@ def test_encoder_features_need_the_encoder_and_its_frame_rate() -> None:
         build_features(FeatureConfig(kind="encoder"))
     with pytest.raises(ConfigError, match="hop_length must be 320"):
         FeatureConfig(kind="encoder", hop_length=160, win_length=400, n_fft=400)
+    with pytest.raises(ConfigError, match="sample_rate must be 16000"):  # hop x rate as 320 x 16 kHz, not Whisper's
+        FeatureConfig(kind="encoder", sample_rate=32_000, hop_length=160, win_length=640, n_fft=1024, f_max=16_000)
     with pytest.raises(ConfigError, match="encoder_layers 3"):
         EncoderStates(FeatureConfig(kind="encoder", encoder_layers=3), micro_encoder())
     with pytest.raises(ConfigError, match="kind"):
