@@ -118,10 +118,13 @@ def swapped_texts(
     if pieces.is_file():
         trained |= {row["text"] for row in _jsonl(pieces)}
     by_id = {fact["id"]: fact for fact in facts}
+    by_category: dict[str, list[Mapping[str, Any]]] = {}
+    for fact in facts:
+        by_category.setdefault(fact["category"], []).append(fact)
     rng, out = random.Random(seed), list[SwappedText]()
     for answer in answers:
         category = by_id[answer.fact_id]["category"]
-        others = [f for f in facts if f["category"] == category and f["id"] != answer.fact_id]
+        others = [f for f in by_category[category] if f["id"] != answer.fact_id]
         for other in rng.sample(others, min(per_answer, len(others))):
             text = swap_words(answer.text, answer.keys, other["key"])
             if text != answer.text and text not in trained and has_key_words(text, other["key"]):
