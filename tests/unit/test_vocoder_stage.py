@@ -287,6 +287,41 @@ def test_stage_resumes_after_a_cancel(units_run: Path, tmp_path: Path) -> None:
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_discriminator_joins_late_and_resumes_with_the_vocoder(units_run: Path, tmp_path: Path) -> None:
+    run_dir = _copy_inputs(units_run, tmp_path)
+    gan = {"adversarial_weight": 1.0, "feature_matching_weight": 2.0, "adversarial_start": 0.5,
+           "discriminator_channels": 4, "discriminator_resolutions": [64, 128]}
+    cancel = threading.Event()
+    ctx = StageContext(run_dir=run_dir, stage="vocoder", settings=_settings(steps=6, **gan),
+                       reporter=CountingReporter(cancel, cancel_at=4), cancel=cancel)
+    with pytest.raises(StageCancelled):
+        run_stage(vocoder.run, ctx)
+    saved = run_dir / "vocoder" / "checkpoint" / "discriminator"
+    assert json.loads((saved / "state.json").read_text())["step"] == 4
+    from safetensors.torch import load_file
+
+    at_cancel = load_file(str(saved / "model.safetensors"))
+    import shutil
+
+    finished = shutil.copytree(run_dir, tmp_path / "finished")  # a schedule of 4 steps: done, saved again
+    run_stage(vocoder.run, StageContext(run_dir=finished, stage="vocoder", settings=_settings(steps=4, **gan)))
+    reloaded = load_file(str(finished / "vocoder" / "checkpoint" / "discriminator" / "model.safetensors"))
+    assert all(torch.equal(reloaded[name], tensor) for name, tensor in at_cancel.items())  # loaded, not new
+    ctx = StageContext(run_dir=run_dir, stage="vocoder", settings=_settings(steps=6, **gan))
+    assert run_stage(vocoder.run, ctx)["steps"] == 6
+    curves = json.loads((run_dir / "vocoder" / METRICS_FILE).read_text())["curves"]
+    assert [step for step, _ in curves["loss"]] == [1, 2, 3, 4, 5, 6]
+    for name in ("discriminator", "adversarial", "feature_matching"):  # from half the schedule on
+        assert [step for step, _ in curves[name]] == [4, 5, 6], name
+    after = load_file(str(saved / "model.safetensors"))
+    assert any(not torch.equal(after[name], tensor) for name, tensor in at_cancel.items())  # it kept learning
+    plain_dir = _copy_inputs(units_run, tmp_path / "plain")
+    run_stage(vocoder.run, StageContext(run_dir=plain_dir, stage="vocoder", settings=_settings(steps=2)))
+    assert not (plain_dir / "vocoder" / "checkpoint" / "discriminator").exists()
+    with pytest.raises(EchoXError, match="adversarial"):
+        vocoder.VocoderSettings.from_mapping({"adversarial_weight": -1.0})
+
+
 def test_duration_fit_trains_the_duration_predictor_alone(units_run: Path, tmp_path: Path) -> None:
     parts = {}
     for duration_steps in (0, 40):

@@ -35,8 +35,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from echox.audio import read_wav, write_wav
 from echox.checkpoint import load_part_weights, read_part_config, save_part
@@ -46,7 +44,7 @@ from echox.models.istft_vocoder import IstftVocoder, IstftVocoderConfig
 from echox.models.vocoder import VocoderConfig
 from echox.models.vocoders import AnyVocoder, AnyVocoderConfig, build_vocoder
 from echox.units.codec import expand
-from training.features import FeatureConfig, PitchConfig, UnitExtractor, continuous_log_f0, mel_filterbank, pitch_track
+from training.features import PitchConfig, UnitExtractor, continuous_log_f0, pitch_track
 from training.stage import (
     MetricsLog,
     StageContext,
@@ -56,9 +54,11 @@ from training.stage import (
     settings_kwargs,
     warmup_cosine,
 )
+from training.vocoder_losses import Adversary, SpectralLoss, head_loss
 
 PART_NAME = "vocoder"
 CHECKPOINT_DIR = "checkpoint"
+DISCRIMINATOR_DIR = "discriminator"  # under CHECKPOINT_DIR
 SAMPLES_DIR = "samples"
 HIFIGAN = "hifigan"
 
@@ -82,6 +82,15 @@ class VocoderSettings:
     head_weight: float = 1.0  # direct magnitude target: the spectrum bins, or the harmonic envelope
     f0_weight: float = 1.0  # harmonic head only: log-F0 L1 against the pitch track
     duration_weight: float = 1.0
+    # The discriminator (training/vocoder_losses.py): 0 weights leave it out. It joins once
+    # `adversarial_start` of the schedule has passed, when the spectral losses have done the rough work.
+    adversarial_weight: float = 0.0
+    feature_matching_weight: float = 0.0
+    adversarial_start: float = 0.3
+    discriminator_learning_rate: float = 2e-4
+    discriminator_channels: int = 16
+    discriminator_resolutions: tuple[int, ...] = (256, 512, 1024)
+    discriminator_batch: int = 8  # the first N crops of each batch: half the batch, half the cost
     duration_batch: int = 16  # whole answers per step for the duration predictor
     # After the joint loop, steps for the duration predictor alone (unit table frozen): the joint
     # loop's ~1,600 steps leave it undertrained. 0: none.
@@ -102,6 +111,8 @@ class VocoderSettings:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> VocoderSettings:
         kwargs = settings_kwargs(cls, values, "vocoder")
+        if "discriminator_resolutions" in kwargs:
+            kwargs["discriminator_resolutions"] = tuple(kwargs["discriminator_resolutions"])
         settings = cls(**kwargs)
         if settings.architecture not in (ISTFT, HIFIGAN):
             raise EchoXError(f"vocoder: architecture must be {ISTFT!r} or {HIFIGAN!r}, got {settings.architecture!r}")
@@ -109,7 +120,16 @@ class VocoderSettings:
             raise EchoXError("vocoder: steps, batch_size, segment_frames and duration_batch must be >= 1")
         if settings.duration_steps < 0:
             raise EchoXError(f"vocoder: duration_steps must be >= 0, got {settings.duration_steps}")
+        weights = (settings.adversarial_weight, settings.feature_matching_weight)
+        if min(weights) < 0 or not 0 <= settings.adversarial_start <= 1 or settings.discriminator_batch < 1:
+            raise EchoXError(
+                "vocoder: adversarial weights must be >= 0, adversarial_start in [0, 1], discriminator_batch >= 1"
+            )
         return settings
+
+    @property
+    def adversarial(self) -> bool:
+        return self.adversarial_weight > 0 or self.feature_matching_weight > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,57 +270,6 @@ def duration_batch(
     return units, durations
 
 
-# --- losses ------------------------------------------------------------------------------
-
-
-class SpectralLoss(nn.Module):
-    """Multi-resolution STFT loss (spectral convergence + log-magnitude L1) and log-mel L1 (on the
-    largest resolution's magnitudes, so the mel costs no extra STFT)."""
-
-    def __init__(self, resolutions: Sequence[int] = (256, 512, 1024), sample_rate: int = 16_000) -> None:
-        super().__init__()
-        self.resolutions = tuple(sorted(resolutions))
-        for n_fft in self.resolutions:
-            self.register_buffer(f"window_{n_fft}", torch.hann_window(n_fft), persistent=False)
-        largest = self.resolutions[-1]
-        mel = FeatureConfig(sample_rate=sample_rate, hop_length=largest // 4, win_length=largest, n_fft=largest)
-        self.mel_filters: torch.Tensor
-        self.register_buffer("mel_filters", mel_filterbank(mel), persistent=False)
-
-    def _magnitude(self, wav: torch.Tensor, n_fft: int) -> torch.Tensor:
-        window: torch.Tensor = getattr(self, f"window_{n_fft}")
-        spec = torch.stft(wav, n_fft, n_fft // 4, n_fft, window, return_complex=True)
-        return spec.abs().clamp(min=1e-5)
-
-    def forward(self, predicted: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        stft = predicted.new_zeros(())
-        pred = true = predicted
-        for n_fft in self.resolutions:
-            pred = self._magnitude(predicted, n_fft)
-            with torch.no_grad():
-                true = self._magnitude(target, n_fft)
-            convergence = torch.linalg.vector_norm(true - pred) / torch.linalg.vector_norm(true).clamp(min=1e-5)
-            stft = stft + convergence + (pred.log() - true.log()).abs().mean()
-        pred_mel = (self.mel_filters @ pred.square()).clamp(min=1e-5).log()
-        true_mel = (self.mel_filters @ true.square()).clamp(min=1e-5).log()
-        mel = (pred_mel - true_mel).abs().mean()
-        return {"stft": stft / len(self.resolutions), "mel": mel}
-
-
-def head_loss(spectrum: torch.Tensor, audio: torch.Tensor, config: IstftVocoderConfig) -> torch.Tensor:
-    """L1 between the head's log-magnitudes and the target's, framed as the head frames (frame t
-    centred on hop t): a direct, strong signal for the magnitudes while the waveform losses
-    teach the phases."""
-    n_fft, hop = config.n_fft, config.synthesis_hop
-    side = (n_fft - hop) // 2
-    window = torch.hann_window(n_fft, device=audio.device)
-    padded = F.pad(audio, (side, side))
-    target = torch.stft(padded, n_fft, hop, n_fft, window, center=False, return_complex=True)
-    frames = spectrum.shape[-1]
-    true_log = target[..., :frames].abs().clamp(min=1e-5).log()
-    return (spectrum.abs().clamp(min=1e-5).log() - true_log).abs().mean()
-
-
 # --- model -------------------------------------------------------------------------------
 
 
@@ -348,25 +317,23 @@ class TrainResult:
 
 
 def _step_losses(
-    model: AnyVocoder,
-    loss_fn: SpectralLoss,
-    train: Sequence[Utterance],
-    settings: VocoderSettings,
+    model: AnyVocoder, loss_fn: SpectralLoss, crops: Crops, train: Sequence[Utterance], settings: VocoderSettings,
     generator: torch.Generator,
-) -> dict[str, torch.Tensor]:
-    hop = model.config.hop_length
-    crops = crop_batch(train, settings.batch_size, settings.segment_frames, hop, generator)
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The spectral, head, F0 and duration losses of one batch, and the generated audio."""
     zero = crops.audio.new_zeros(())
     if isinstance(model, IstftVocoder):
         frames = model.encode(crops.units)
-        parts = loss_fn(model.decode(frames, crops.log_f0, generator), crops.audio)
+        generated = model.decode(frames, crops.log_f0, generator)
+        parts = loss_fn(generated, crops.audio)
         parts["f0"] = model.f0_loss(frames, crops.log_f0)
         if model.config.head == "spectrum":
             parts["head"] = head_loss(model.spectrum(frames), crops.audio, model.config)
         else:
             parts["head"] = model.envelope_loss(frames, crops.audio, crops.log_f0, crops.voiced)
     else:
-        parts = loss_fn(model(crops.units), crops.audio)
+        generated = model(crops.units)
+        parts = loss_fn(generated, crops.audio)
         parts["f0"] = parts["head"] = zero
     dur_units, durations = duration_batch(train, settings.duration_batch, generator)
     parts["duration"] = model.duration_loss(dur_units, durations)
@@ -375,7 +342,21 @@ def _step_losses(
         + settings.head_weight * parts["head"] + settings.f0_weight * parts["f0"]
         + settings.duration_weight * parts["duration"]
     )
-    return parts
+    return parts, generated
+
+
+def _add_adversarial(
+    parts: dict[str, torch.Tensor], adversary: Adversary, real: torch.Tensor, fake: torch.Tensor,
+    settings: VocoderSettings, lr_factor: float,
+) -> None:
+    """One discriminator step, then the generator's adversarial terms added to `parts["loss"]`."""
+    parts["discriminator"] = adversary.update(real, fake, lr_factor)
+    terms = adversary.generator_terms(real, fake)
+    parts.update(terms)
+    parts["loss"] = (
+        parts["loss"] + settings.adversarial_weight * terms["adversarial"]
+        + settings.feature_matching_weight * terms["feature_matching"]
+    )
 
 
 def train_vocoder(
@@ -392,6 +373,7 @@ def train_vocoder(
     loss_fn = SpectralLoss(sample_rate=model.config.sample_rate)
     state_dir = ctx.out / CHECKPOINT_DIR
     step, extra = load_training_state(state_dir, model, optimizer)
+    adversary = _load_adversary(settings, state_dir)
     metrics = MetricsLog(ctx.out)
     for name, points in metrics.curves.items():  # a run killed after its checkpoint logged more
         metrics.curves[name] = [point for point in points if point[0] <= step]
@@ -404,14 +386,18 @@ def train_vocoder(
     model.train()
     while progress < 1.0:
         if ctx.cancel.is_set():  # keep every finished step: the rerun continues from here
-            save_training_state(state_dir, model, optimizer, step, {"elapsed_s": elapsed})
+            _save_state(state_dir, model, optimizer, adversary, step, elapsed)
             metrics.save()
             ctx.check_cancelled()
         factor = warmup_cosine(step, settings.warmup_steps, progress, settings.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = settings.learning_rate * factor
         generator = torch.Generator().manual_seed(ctx.seed * 1_000_003 + step)
-        parts = _step_losses(model, loss_fn, train, settings, generator)
+        crops = crop_batch(train, settings.batch_size, settings.segment_frames, model.config.hop_length, generator)
+        parts, generated = _step_losses(model, loss_fn, crops, train, settings, generator)
+        if adversary is not None and progress >= settings.adversarial_start:
+            shown = settings.discriminator_batch
+            _add_adversarial(parts, adversary, crops.audio[:shown], generated[:shown], settings, factor)
         optimizer.zero_grad(set_to_none=True)
         parts["loss"].backward()  # type: ignore[no-untyped-call]
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
@@ -426,16 +412,37 @@ def train_vocoder(
             metrics.add(step, **{name: sum(values) / len(values) for name, values in window.items()})
             window = {}
         if step % settings.checkpoint_every == 0:
-            save_training_state(state_dir, model, optimizer, step, {"elapsed_s": elapsed})
+            _save_state(state_dir, model, optimizer, adversary, step, elapsed)
             metrics.save()
     stopped_early = step < settings.steps
     if stopped_early:
         ctx.reporter.log(f"vocoder: time budget of {settings.max_minutes} min reached at step {step}")
-    save_training_state(state_dir, model, optimizer, step, {"elapsed_s": elapsed})
+    _save_state(state_dir, model, optimizer, adversary, step, elapsed)
     metrics.set(final_step=step, stopped_early=stopped_early)
     metrics.save()
     final = {name: points[-1][1] for name, points in metrics.curves.items() if points}
     return TrainResult(step, final, stopped_early)
+
+
+def _load_adversary(settings: VocoderSettings, state_dir: Path) -> Adversary | None:
+    """The discriminator when the settings ask for one, resumed from its checkpoint if any."""
+    if not settings.adversarial:
+        return None
+    adversary = Adversary(
+        settings.discriminator_resolutions, settings.discriminator_channels, settings.discriminator_learning_rate
+    )
+    load_training_state(state_dir / DISCRIMINATOR_DIR, adversary.discriminator, adversary.optimizer)
+    return adversary
+
+
+def _save_state(
+    folder: Path, model: AnyVocoder, optimizer: torch.optim.Optimizer, adversary: Adversary | None, step: int,
+    elapsed: float,
+) -> None:
+    """The discriminator first: the vocoder's state.json, written last, names the step resumed."""
+    if adversary is not None:
+        save_training_state(folder / DISCRIMINATOR_DIR, adversary.discriminator, adversary.optimizer, step)
+    save_training_state(folder, model, optimizer, step, {"elapsed_s": elapsed})
 
 
 def fit_durations(
