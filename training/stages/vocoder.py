@@ -9,9 +9,11 @@ and `answer_variants` the stage also renders the texts T2C learns from (every qu
 train answers with swapped key words; never a held-out answer) in the agent voice with
 espeak-ng and learns from them too: 279 train answers are only 10 minutes of speech.
 
-Losses converge fast on CPU without a discriminator: multi-resolution STFT (spectral
-convergence + log-magnitude L1) and log-mel L1 on the waveform. The default architecture is
-the iSTFT head (`echox.models.istft_vocoder`): its network runs at 50 Hz, so it trains in
+Losses (`training/vocoder_losses.py`) converge fast on CPU without a discriminator:
+multi-resolution STFT (spectral convergence + log-magnitude L1) and log-mel L1 on the waveform.
+`adversarial_weight` and `feature_matching_weight` add a multi-resolution spectrogram
+discriminator for the later part of the schedule (`adversarial_start`). The default architecture
+is the iSTFT head (`echox.models.istft_vocoder`): its network runs at 50 Hz, so it trains in
 minutes on two cores; `architecture: hifigan` trains `UnitVocoder` with the same losses.
 
 At the end the dev answers are resynthesised from their OWN units, with their true durations
@@ -20,7 +22,7 @@ key words it hears, beside its share on the original espeak-ng recordings.
 
 Output (`RUN/vocoder/`): `vocoder.safetensors` + `vocoder.json` (save_part), metrics.json (loss
 curves, judge shares and misses), loss.png, `samples/` (a few dev resyntheses) and
-`checkpoint/` for resume.
+`checkpoint/` for resume (with `checkpoint/discriminator/` when there is one).
 """
 
 from __future__ import annotations
