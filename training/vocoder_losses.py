@@ -176,3 +176,14 @@ class Adversary:
         """`generator_losses` with the discriminator's weights frozen (no gradients wasted on them)."""
         self.discriminator.requires_grad_(False)
         return generator_losses(self.discriminator, real, fake)
+
+    def add_terms(
+        self, parts: dict[str, torch.Tensor], real: torch.Tensor, fake: torch.Tensor,
+        weights: tuple[float, float], lr_factor: float,
+    ) -> None:
+        """One discriminator step, then the generator's terms into `parts`, and `parts["loss"]`
+        raised by them at `weights` (adversarial, feature matching)."""
+        parts["discriminator"] = self.update(real, fake, lr_factor)
+        terms = self.generator_terms(real, fake)
+        parts.update(terms)
+        parts["loss"] = parts["loss"] + weights[0] * terms["adversarial"] + weights[1] * terms["feature_matching"]

@@ -68,3 +68,15 @@ def test_discriminator_learns_to_tell_tones_from_noise() -> None:
     assert last < 0.25 * first
     # The generator's adversarial loss on that noise is now high: the discriminator calls it fake.
     assert float(generator_losses(adversary.discriminator, real, fake)["adversarial"].detach()) > 0.5
+
+
+def test_add_terms_raises_the_loss_by_the_weighted_terms() -> None:
+    torch.manual_seed(0)
+    adversary = Adversary(RESOLUTIONS, channels=4, learning_rate=1e-3)
+    real, fake = _tone(2, 4000), 0.1 * torch.randn(2, 4000)
+    parts = {"loss": torch.tensor(1.0)}
+    adversary.add_terms(parts, real, fake, (0.5, 2.0), lr_factor=1.0)
+    assert set(parts) == {"loss", "discriminator", "adversarial", "feature_matching"}
+    expected = 1.0 + 0.5 * float(parts["adversarial"]) + 2.0 * float(parts["feature_matching"])
+    assert float(parts["loss"]) == pytest.approx(expected)
+    assert float(parts["adversarial"]) > 0 and float(parts["feature_matching"]) > 0

@@ -347,20 +347,6 @@ def _step_losses(
     return parts, generated
 
 
-def _add_adversarial(
-    parts: dict[str, torch.Tensor], adversary: Adversary, real: torch.Tensor, fake: torch.Tensor,
-    settings: VocoderSettings, lr_factor: float,
-) -> None:
-    """One discriminator step, then the generator's adversarial terms added to `parts["loss"]`."""
-    parts["discriminator"] = adversary.update(real, fake, lr_factor)
-    terms = adversary.generator_terms(real, fake)
-    parts.update(terms)
-    parts["loss"] = (
-        parts["loss"] + settings.adversarial_weight * terms["adversarial"]
-        + settings.feature_matching_weight * terms["feature_matching"]
-    )
-
-
 def train_vocoder(
     ctx: StageContext, model: AnyVocoder, train: Sequence[Utterance], settings: VocoderSettings
 ) -> TrainResult:
@@ -399,7 +385,8 @@ def train_vocoder(
         parts, generated = _step_losses(model, loss_fn, crops, train, settings, generator)
         if adversary is not None and progress >= settings.adversarial_start:
             shown = settings.discriminator_batch
-            _add_adversarial(parts, adversary, crops.audio[:shown], generated[:shown], settings, factor)
+            weights = (settings.adversarial_weight, settings.feature_matching_weight)
+            adversary.add_terms(parts, crops.audio[:shown], generated[:shown], weights, factor)
         optimizer.zero_grad(set_to_none=True)
         parts["loss"].backward()  # type: ignore[no-untyped-call]
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
