@@ -320,6 +320,9 @@ def test_discriminator_joins_late_and_resumes_with_the_vocoder(units_run: Path, 
     assert not (plain_dir / "vocoder" / "checkpoint" / "discriminator").exists()
     with pytest.raises(EchoXError, match="adversarial"):
         vocoder.VocoderSettings.from_mapping({"adversarial_weight": -1.0})
+    for bad in ({"discriminator_resolutions": [8, 64]}, {"discriminator_channels": 0}, {"discriminator_batch": 0}):
+        with pytest.raises(EchoXError, match="discriminator"):
+            vocoder.VocoderSettings.from_mapping(bad)
 
 
 def test_duration_fit_trains_the_duration_predictor_alone(units_run: Path, tmp_path: Path) -> None:

@@ -123,10 +123,12 @@ class VocoderSettings:
         if settings.duration_steps < 0:
             raise EchoXError(f"vocoder: duration_steps must be >= 0, got {settings.duration_steps}")
         weights = (settings.adversarial_weight, settings.feature_matching_weight)
-        if min(weights) < 0 or not 0 <= settings.adversarial_start <= 1 or settings.discriminator_batch < 1:
-            raise EchoXError(
-                "vocoder: adversarial weights must be >= 0, adversarial_start in [0, 1], discriminator_batch >= 1"
-            )
+        if min(weights) < 0 or not 0 <= settings.adversarial_start <= 1:
+            raise EchoXError("vocoder: adversarial weights must be >= 0 and adversarial_start in [0, 1]")
+        resolutions = settings.discriminator_resolutions
+        counts = (settings.discriminator_channels, settings.discriminator_batch)
+        if not resolutions or min(resolutions) < 16 or min(counts) < 1:
+            raise EchoXError("vocoder: discriminator_resolutions must be >= 16 samples, its channels and batch >= 1")
         return settings
 
     @property
