@@ -243,3 +243,18 @@ def test_a_model_that_fails_to_load_is_a_clear_error_with_the_reason(tmp_path: P
     with pytest.raises(TritonServerError, match=r"vocoder: .*model\.safetensors is missing"):
         server.start()
     assert not server.alive()
+
+
+def test_an_error_after_the_deadline_is_reported_as_the_deadline() -> None:
+    """The server may report a deadline's cancel as an INTERNAL error before the client's own
+    DEADLINE_EXCEEDED arrives; past the deadline the error says it was the deadline."""
+    from tritonclient.utils import InferenceServerException
+
+    from services.common.backends.triton import _Answer
+
+    llm = TritonSpeechLLM("127.0.0.1:1", timeout_s=0.001)
+    internal = InferenceServerException("Internal error from Core")
+    late = str(llm._stream_error(internal, _Answer(deadline=time.monotonic() - 1.0)))
+    assert "DEADLINE_EXCEEDED" in late and "Internal error from Core" in late
+    early = str(llm._stream_error(internal, _Answer(deadline=time.monotonic() + 60.0)))
+    assert "DEADLINE_EXCEEDED" not in early and "Internal error from Core" in early

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -120,7 +121,7 @@ class TritonSpeechLLM(_TritonModel):
             responses = self.client.stream_infer(requests(), stream_timeout=self.timeout_s)
         except (InferenceServerException, grpc.RpcError) as exc:
             raise self.error(exc) from exc
-        answer = _Answer()
+        answer = _Answer(deadline=time.monotonic() + self.timeout_s)
         cancelled = asyncio.ensure_future(cancel.wait())
         step: asyncio.Future[Any] | None = None
         complete = False
@@ -156,10 +157,18 @@ class TritonSpeechLLM(_TritonModel):
         except StopAsyncIteration:
             raise self.error("the stream ended before the answer did") from None
         except (InferenceServerException, grpc.RpcError, asyncio.CancelledError) as exc:
-            raise self.error(exc) from exc
+            raise self._stream_error(exc, answer) from exc
         if error is not None:
-            raise self.error(error)
+            raise self._stream_error(error, answer)
         return answer.parse(result)
+
+    def _stream_error(self, exc: BaseException, answer: _Answer) -> BackendError:
+        # A stream past its deadline is cancelled on the server, which may report the cancel (an
+        # INTERNAL error from the core) before the client's own DEADLINE_EXCEEDED arrives.
+        reason = _message(exc)
+        if time.monotonic() >= answer.deadline and "DEADLINE_EXCEEDED" not in reason:
+            reason = f"DEADLINE_EXCEEDED: no answer within {self.timeout_s} s (the server said: {reason})"
+        return self.error(reason)
 
 
 async def _finish(responses: Any, timeout_s: float = 2.0) -> bool:
@@ -176,9 +185,11 @@ async def _finish(responses: Any, timeout_s: float = 2.0) -> bool:
 
 
 class _Answer:
-    """The answer so far, to end a cancelled stream with what was decoded."""
+    """The answer so far, to end a cancelled stream with what was decoded, and the stream's
+    deadline (time.monotonic())."""
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
         self.tokens: list[int] = []
         self.text = ""
 
