@@ -199,7 +199,12 @@ async def test_an_unreachable_server_and_a_missed_deadline_are_backend_errors(
     # The abandoned request may still be running on the server; the next one waits it out.
     end = (await collect(patient, question))[-1]
     assert isinstance(end, AnswerEnd) and "Paris" in end.text
-    for backend in (llm, vocoder, hasty, patient):
+    hasty_vocoder, patient_vocoder = TritonVocoder(server.grpc_url, timeout_s=0.001), TritonVocoder(server.grpc_url)
+    units = UnitSegment(0, (), tuple(range(1, 100)))
+    with pytest.raises(BackendError, match=r"vocoder.*DEADLINE_EXCEEDED"):
+        await hasty_vocoder.synthesize(units)
+    assert (await patient_vocoder.synthesize(units)).pcm.size > 0
+    for backend in (llm, vocoder, hasty, patient, hasty_vocoder, patient_vocoder):
         await backend.close()
 
 
@@ -250,11 +255,9 @@ def test_an_error_after_the_deadline_is_reported_as_the_deadline() -> None:
     DEADLINE_EXCEEDED arrives; past the deadline the error says it was the deadline."""
     from tritonclient.utils import InferenceServerException
 
-    from services.common.backends.triton import _Answer
-
-    llm = TritonSpeechLLM("127.0.0.1:1", timeout_s=0.001)
     internal = InferenceServerException("Internal error from Core")
-    late = str(llm._stream_error(internal, _Answer(deadline=time.monotonic() - 1.0)))
-    assert "DEADLINE_EXCEEDED" in late and "Internal error from Core" in late
-    early = str(llm._stream_error(internal, _Answer(deadline=time.monotonic() + 60.0)))
-    assert "DEADLINE_EXCEEDED" not in early and "Internal error from Core" in early
+    for backend in (TritonSpeechLLM("127.0.0.1:1", timeout_s=0.001), TritonVocoder("127.0.0.1:1", timeout_s=0.001)):
+        late = str(backend.error(internal, deadline=time.monotonic() - 1.0))
+        assert "DEADLINE_EXCEEDED" in late and "Internal error from Core" in late
+        for early in (backend.error(internal, deadline=time.monotonic() + 60.0), backend.error(internal)):
+            assert "DEADLINE_EXCEEDED" not in str(early) and "Internal error from Core" in str(early)

@@ -73,15 +73,21 @@ class _TritonModel:
             self._client = InferenceServerClient(self.url)
         return self._client
 
-    def error(self, exc: BaseException | str) -> BackendError:
+    def error(self, exc: BaseException | str, deadline: float | None = None) -> BackendError:
+        """The error of a call; one that ends past the call's `deadline` (time.monotonic()) says
+        so: the server cancels a call at its deadline and may report that cancel (an INTERNAL
+        error from its core) before the client's own DEADLINE_EXCEEDED arrives."""
         reason = exc if isinstance(exc, str) else _message(exc)
+        if deadline is not None and time.monotonic() >= deadline and "DEADLINE_EXCEEDED" not in reason:
+            reason = f"DEADLINE_EXCEEDED: no answer within {self.timeout_s} s (the server said: {reason})"
         return BackendError(f"Triton model {self.model_name!r} at {self.url}: {reason}")
 
     async def infer(self, inputs: list[InferInput]) -> InferResult:
+        deadline = time.monotonic() + self.timeout_s
         try:
             return await self.client.infer(self.model_name, inputs, client_timeout=self.timeout_s)
         except (InferenceServerException, grpc.RpcError) as exc:
-            raise self.error(exc) from exc
+            raise self.error(exc, deadline) from exc
 
     async def close(self) -> None:
         client, self._client = self._client, None
@@ -121,7 +127,7 @@ class TritonSpeechLLM(_TritonModel):
             responses = self.client.stream_infer(requests(), stream_timeout=self.timeout_s)
         except (InferenceServerException, grpc.RpcError) as exc:
             raise self.error(exc) from exc
-        answer = _Answer(deadline=time.monotonic() + self.timeout_s)
+        answer, deadline = _Answer(), time.monotonic() + self.timeout_s
         cancelled = asyncio.ensure_future(cancel.wait())
         step: asyncio.Future[Any] | None = None
         complete = False
@@ -135,7 +141,7 @@ class TritonSpeechLLM(_TritonModel):
                     yield AnswerEnd(tuple(answer.tokens), answer.text, cancelled=True)
                     return
                 try:
-                    item = self._item(step, answer)
+                    item = self._item(step, answer, deadline)
                 except BackendError:
                     complete = await _finish(responses)
                     raise
@@ -151,24 +157,16 @@ class TritonSpeechLLM(_TritonModel):
             if step is not None and not step.done():
                 step.cancel()
 
-    def _item(self, step: asyncio.Future[Any], answer: _Answer) -> SpeechLLMOutput:
+    def _item(self, step: asyncio.Future[Any], answer: _Answer, deadline: float) -> SpeechLLMOutput:
         try:
             result, error = step.result()
         except StopAsyncIteration:
             raise self.error("the stream ended before the answer did") from None
         except (InferenceServerException, grpc.RpcError, asyncio.CancelledError) as exc:
-            raise self._stream_error(exc, answer) from exc
+            raise self.error(exc, deadline) from exc
         if error is not None:
-            raise self._stream_error(error, answer)
+            raise self.error(error, deadline)
         return answer.parse(result)
-
-    def _stream_error(self, exc: BaseException, answer: _Answer) -> BackendError:
-        # A stream past its deadline is cancelled on the server, which may report the cancel (an
-        # INTERNAL error from the core) before the client's own DEADLINE_EXCEEDED arrives.
-        reason = _message(exc)
-        if time.monotonic() >= answer.deadline and "DEADLINE_EXCEEDED" not in reason:
-            reason = f"DEADLINE_EXCEEDED: no answer within {self.timeout_s} s (the server said: {reason})"
-        return self.error(reason)
 
 
 async def _finish(responses: Any, timeout_s: float = 2.0) -> bool:
@@ -185,11 +183,9 @@ async def _finish(responses: Any, timeout_s: float = 2.0) -> bool:
 
 
 class _Answer:
-    """The answer so far, to end a cancelled stream with what was decoded, and the stream's
-    deadline (time.monotonic())."""
+    """The answer so far, to end a cancelled stream with what was decoded."""
 
-    def __init__(self, deadline: float) -> None:
-        self.deadline = deadline
+    def __init__(self) -> None:
         self.tokens: list[int] = []
         self.text = ""
 
