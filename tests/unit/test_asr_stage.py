@@ -42,6 +42,8 @@ SMOKE: dict[str, Any] = {
     "eval_batch_size": 2,
     "window_margin_s": 1.0,  # some batches reach the whole window, some stay cropped
     "augment": {"noise_prob": 1.0, "speed_prob": 1.0},
+    "freq_masks": 1,  # SpecAugment on too
+    "time_masks": 1,
     "encoder_overrides": MICRO_ENCODER,
 }
 TEXTS = [
@@ -214,3 +216,26 @@ def test_settings_reject_unknown_keys() -> None:
         asr.ASRSettings.from_mapping({"augment": {"reverb": 0.1}})
     with pytest.raises(ConfigError, match="ctc_units"):
         asr.ASRSettings.from_mapping({"ctc_units": "phones"})
+    with pytest.raises(ConfigError, match="time_mask_share"):
+        asr.ASRSettings.from_mapping({"time_masks": 2, "time_mask_share": 1.5})
+    with pytest.raises(ConfigError, match="mask counts"):
+        asr.ASRSettings.from_mapping({"freq_masks": -1})
+
+
+def test_spec_augment_masks_bands_and_stretches_with_the_clip_mean() -> None:
+    features = torch.randn(80, 200)
+    mean = float(features.mean())
+    masked = features.clone()
+    settings = asr.ASRSettings(freq_masks=2, freq_mask_bins=10, time_masks=2, time_mask_share=0.1)
+    asr.mask_spectrogram(masked, settings, np.random.default_rng(3))
+    changed = masked != features
+    rows, columns = changed.all(dim=1), changed.all(dim=0)
+    assert 0 < int(rows.sum()) <= 20 and 0 < int(columns.sum()) <= 40  # two bands, two stretches at most
+    assert torch.all(masked[changed] == mean)
+    assert torch.equal(changed, rows.unsqueeze(1) | columns.unsqueeze(0))  # whole bands and stretches only
+    again = features.clone()
+    asr.mask_spectrogram(again, settings, np.random.default_rng(3))
+    assert torch.equal(again, masked)  # the draws come from the generator alone
+    untouched, rng = features.clone(), np.random.default_rng(3)
+    asr.mask_spectrogram(untouched, asr.ASRSettings(), rng)
+    assert torch.equal(untouched, features) and rng.integers(0, 10**9) == np.random.default_rng(3).integers(0, 10**9)

@@ -103,6 +103,12 @@ class ASRSettings:
     dropout: float = 0.0
     window_margin_s: float = 0.5  # padding after the longest clip of a batch in a cropped window
     augment: dict[str, Any] = dataclasses.field(default_factory=dict)  # AugmentSettings fields
+    # SpecAugment on the log-mel frames (0 masks: off): bands of up to freq_mask_bins mel bins and
+    # stretches of up to time_mask_share of a clip's frames, set to the clip's mean.
+    freq_masks: int = 0
+    freq_mask_bins: int = 10
+    time_masks: int = 0
+    time_mask_share: float = 0.05
     answers: bool = True  # also train on the agent's train answers
     limit_clips: int = 0  # 0 = every train clip (tests use a handful)
     threads: int = 2
@@ -123,6 +129,9 @@ class ASRSettings:
         if settings.ctc_units not in CTC_UNITS:
             raise ConfigError(f"settings.asr: ctc_units must be one of {CTC_UNITS}, got {settings.ctc_units!r}")
         AugmentSettings.from_mapping(settings.augment)  # fail now, not at the first batch
+        masks = (settings.freq_masks, settings.freq_mask_bins, settings.time_masks)
+        if min(masks) < 0 or not 0.0 <= settings.time_mask_share <= 1.0:
+            raise ConfigError("settings.asr: mask counts and widths must be >= 0, time_mask_share in [0, 1]")
         return settings
 
 
@@ -275,7 +284,29 @@ def training_batch(
     audios = [augment(read_wav(c.path), rng, augment_settings)[:window_samples] for c in clips]
     longest = max(encoder.num_states(a.size) for a in audios)
     window = min(limit, longest + max(1, round(settings.window_margin_s * STATES_PER_SECOND)))
-    return make_batch(clips, audios, encoder, tokenizer, window, settings.ctc_units)
+    batch = make_batch(clips, audios, encoder, tokenizer, window, settings.ctc_units)
+    for features, states in zip(batch.features, batch.states, strict=True):
+        mask_spectrogram(features[:, : 2 * states], settings, rng)
+    return batch
+
+
+def mask_spectrogram(features: torch.Tensor, settings: ASRSettings, rng: np.random.Generator) -> None:
+    """SpecAugment, in place, on one clip's log-mel frames [mels, frames]: `freq_masks` bands of
+    0..freq_mask_bins bins and `time_masks` stretches of 0..time_mask_share of the frames, each
+    set to the clip's mean. No masks, no draws: the batch is as it was without the setting."""
+    if not (settings.freq_masks or settings.time_masks):
+        return
+    mean = float(features.mean())
+    bins, frames = features.shape
+    for _ in range(settings.freq_masks):
+        width = int(rng.integers(0, min(settings.freq_mask_bins, bins) + 1))
+        start = int(rng.integers(0, bins - width + 1))
+        features[start : start + width] = mean
+    longest = int(settings.time_mask_share * frames)
+    for _ in range(settings.time_masks):
+        width = int(rng.integers(0, longest + 1))
+        start = int(rng.integers(0, frames - width + 1))
+        features[:, start : start + width] = mean
 
 
 # --- the model ------------------------------------------------------------------------------------
