@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import scipy.fft
 import soxr
 
 from echox.audio import SAMPLE_RATE, float_to_mulaw, mulaw_to_float
@@ -68,11 +69,14 @@ class AugmentSettings:
 
 
 def _pink_noise(length: int, rng: np.random.Generator) -> FloatArray:
-    """Noise with a 1/f power spectrum (white noise shaped in the frequency domain)."""
-    spectrum = np.fft.rfft(rng.standard_normal(length))
+    """Noise with a 1/f power spectrum (white noise shaped in the frequency domain), made at the
+    next length the FFT is fast at and cut: a clip length with a large prime factor made the
+    FFTs ten times dearer (10 ms instead of 1 for a 3 s clip)."""
+    size = int(scipy.fft.next_fast_len(max(1, length), real=True))
+    spectrum = np.fft.rfft(rng.standard_normal(size))
     frequencies = np.arange(spectrum.size, dtype=np.float64)
     frequencies[0] = 1.0  # keep DC finite; it is removed below anyway
-    noise = np.fft.irfft(spectrum / np.sqrt(frequencies), n=length)
+    noise = np.fft.irfft(spectrum / np.sqrt(frequencies), n=size)[:length]
     return (noise - noise.mean()).astype(np.float32)
 
 

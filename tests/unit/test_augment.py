@@ -113,3 +113,17 @@ def test_settings_from_mapping() -> None:
         AugmentSettings.from_mapping({"silence_seconds": [-0.1, 0.2]})
     with pytest.raises(ConfigError):
         AugmentSettings.from_mapping({"phone_prob": -0.1})
+
+
+@pytest.mark.parametrize("length", [48_000, 48_123, 1])  # 48,123 = 3 · 16,041: made at a faster FFT length
+def test_pink_noise_has_the_length_asked_and_a_one_over_f_spectrum(length: int) -> None:
+    from training.augment import _pink_noise
+
+    noise = _pink_noise(length, np.random.default_rng(5))
+    assert noise.shape == (length,) and noise.dtype == np.float32 and abs(float(noise.mean())) < 1e-6
+    if length < SAMPLE_RATE:
+        return
+    power = np.abs(np.fft.rfft(noise.astype(np.float64))) ** 2
+    hz = np.fft.rfftfreq(length, 1 / SAMPLE_RATE)
+    low, high = power[(hz >= 100) & (hz < 200)].mean(), power[(hz >= 1000) & (hz < 2000)].mean()
+    assert 5.0 < low / high < 20.0  # ten times the frequency, a tenth of the power

@@ -244,8 +244,11 @@ def window_log_mel(encoder: SpeechEncoder, audios: Sequence[np.ndarray], window:
         raise ValueError(f"a clip does not end a state before the {window}-state window's end")
     extractor = copy.copy(encoder.features)  # shares the mel filters; only the window differs
     extractor.n_samples, extractor.nb_max_frames = window * SAMPLES_PER_STATE, 2 * window
-    frames = [extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features for audio in audios]
-    return torch.cat(frames).to(encoder.whisper.conv1.weight.dtype)
+    # One call for the batch: the extractor pads every audio to the window and takes each one's
+    # own level floor, as one call per audio does, at a fraction of the per-call overhead.
+    batch = [np.asarray(audio, dtype=np.float32) for audio in audios]
+    frames = extractor(batch, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+    return frames.to(encoder.whisper.conv1.weight.dtype)
 
 
 def make_batch(
