@@ -10,7 +10,8 @@ tokenizer's 512 word pieces (dev CER 0.24 vs 0.43 after 350 steps), and rare nam
 
 Features are exactly inference's (`SpeechEncoder.log_mel`: a full window of log-mel frames).
 Each clip is augmented at training time (training/augment.py: gain, speed, silence, phone band, noise) before its
-features are taken. For speed the encoder runs on the window's first frames only, enough for
+features are taken; SpecAugment masks on the features are a setting, off (they slowed this
+underfit model's learning: README). For speed the encoder runs on the window's first frames only, enough for
 the batch's longest clip plus `window_margin_s` of padding: the window's sinusoidal positions are
 a prefix of the full window's, so the weights are the same, and the states of the audio come out
 as good from the full 10 s window (measured: dev CER equal within 0.01 either way).
