@@ -122,8 +122,7 @@ class VocoderSettings:
             raise EchoXError("vocoder: steps, batch_size, segment_frames and duration_batch must be >= 1")
         if settings.duration_steps < 0:
             raise EchoXError(f"vocoder: duration_steps must be >= 0, got {settings.duration_steps}")
-        weights = (settings.adversarial_weight, settings.feature_matching_weight)
-        if min(weights) < 0 or not 0 <= settings.adversarial_start <= 1:
+        if min(settings.adversarial_weights) < 0 or not 0 <= settings.adversarial_start <= 1:
             raise EchoXError("vocoder: adversarial weights must be >= 0 and adversarial_start in [0, 1]")
         resolutions = settings.discriminator_resolutions
         counts = (settings.discriminator_channels, settings.discriminator_batch)
@@ -132,8 +131,13 @@ class VocoderSettings:
         return settings
 
     @property
+    def adversarial_weights(self) -> tuple[float, float]:
+        """The generator's weights on the adversarial and the feature-matching terms."""
+        return self.adversarial_weight, self.feature_matching_weight
+
+    @property
     def adversarial(self) -> bool:
-        return self.adversarial_weight > 0 or self.feature_matching_weight > 0
+        return max(self.adversarial_weights) > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,8 +391,7 @@ def train_vocoder(
         parts, generated = _step_losses(model, loss_fn, crops, train, settings, generator)
         if adversary is not None and progress >= settings.adversarial_start:
             shown = settings.discriminator_batch
-            weights = (settings.adversarial_weight, settings.feature_matching_weight)
-            adversary.add_terms(parts, crops.audio[:shown], generated[:shown], weights, factor)
+            adversary.add_terms(parts, crops.audio[:shown], generated[:shown], settings.adversarial_weights, factor)
         optimizer.zero_grad(set_to_none=True)
         parts["loss"].backward()  # type: ignore[no-untyped-call]
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
