@@ -20,10 +20,8 @@ stage's `pieces.jsonl` when all of them are there, else it stays one segment.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +31,7 @@ from echox.models.echo_decoder import EchoDecoder, EchoDecoderConfig
 from echox.models.echox import EchoXModel
 from echox.tokenizer import TextTokenizer
 from echox.units.codec import UnitLanguageCodec
+from training.jsonl import read_jsonl, write_jsonl
 from training.listen_data import SpokenExample
 from training.stages.s2t import SpokenForward
 from training.text_data import IGNORE_INDEX
@@ -178,15 +177,13 @@ class EchoTargetCache:
 
     def save(self, path: Path) -> None:
         """The spoken sentences (text → unit tokens), so a resumed run does not speak them again."""
-        lines = (json.dumps({"text": t, "unit_tokens": list(u)}) for t, u in sorted(self.spoken.items()))
-        path.write_text("".join(line + "\n" for line in lines))
+        write_jsonl(path, ({"text": t, "unit_tokens": list(u)} for t, u in sorted(self.spoken.items())))
 
     @staticmethod
     def read(path: Path) -> dict[str, tuple[int, ...]]:
         if not path.is_file():
             return {}
-        rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-        return {row["text"]: tuple(row["unit_tokens"]) for row in rows}
+        return {row["text"]: tuple(row["unit_tokens"]) for row in read_jsonl(path)}
 
     def figures(self) -> dict[str, int]:
         return {"targets_generated": self.generated, "targets_reused": self.reused,
@@ -213,8 +210,7 @@ def read_pieces(path: Path) -> dict[str, list[int]]:
     """The t2c stage's rendered segments (text → dedup units); empty when there are none."""
     if not path.is_file():
         return {}
-    rows: list[dict[str, Any]] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {row["text"]: list(row["units"]) for row in rows}
+    return {row["text"]: list(row["units"]) for row in read_jsonl(path)}
 
 
 # --- the model's own answers and their hidden states ----------------------------------------

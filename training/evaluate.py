@@ -35,6 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from echox.errors import EchoXError
+from training.jsonl import read_jsonl
 
 if TYPE_CHECKING:  # the model stack loads only when a command runs
     from echox.checkpoint import EchoX
@@ -63,17 +64,11 @@ class EvalAnswer:
     durations: tuple[int, ...]
 
 
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise EchoXError(f"eval: {path} is missing (run the synth and units stages first)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def load_answers(run_dir: Path, split: str, facts: Mapping[str, Mapping[str, Any]]) -> list[EvalAnswer]:
     """The `split` answers of a run, joined with their units (ids must match)."""
-    units = {row["id"]: row for row in _jsonl(run_dir / "units" / "units.jsonl")}
+    units = {row["id"]: row for row in read_jsonl(run_dir / "units" / "units.jsonl", "run the units stage first")}
     answers = []
-    for row in _jsonl(run_dir / "synth" / "answers.jsonl"):
+    for row in read_jsonl(run_dir / "synth" / "answers.jsonl", "run the synth stage first"):
         if row["split"] != split:
             continue
         if row["id"] not in units:
@@ -113,10 +108,10 @@ def swapped_texts(
     from training.judge import has_key_words
     from training.stages.t2c import PIECES_FILE, swap_words
 
-    trained = {row["text"] for row in _jsonl(run_dir / "synth" / "answers.jsonl") if row["split"] == "train"}
+    trained = {row["text"] for row in read_jsonl(run_dir / "synth" / "answers.jsonl") if row["split"] == "train"}
     pieces = run_dir / "t2c" / PIECES_FILE
     if pieces.is_file():
-        trained |= {row["text"] for row in _jsonl(pieces)}
+        trained |= {row["text"] for row in read_jsonl(pieces)}
     by_id = {fact["id"]: fact for fact in facts}
     by_category: dict[str, list[Mapping[str, Any]]] = {}
     for fact in facts:

@@ -13,16 +13,12 @@ beam 5 without timestamps 0.780 / 0.837 (the default).
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-
-from echox.audio import read_wav
 
 # Beam 5 hears more key words than greedy on espeak-ng answers (see the module docstring).
 DEFAULT_BEAM_SIZE = 5
@@ -189,30 +185,3 @@ class Judge:
             return 0.0
         heard = sum(self.hears(audio, keys) for audio, keys in zip(audios, keys_list, strict=True))
         return heard / len(audios)
-
-
-def load_facts(facts_dir: Path) -> dict[str, dict[str, Any]]:
-    """facts.jsonl as {fact_id: fact}."""
-    lines = (facts_dir / "facts.jsonl").read_text().splitlines()
-    facts = (json.loads(line) for line in lines if line.strip())
-    return {fact["id"]: fact for fact in facts}
-
-
-def read_manifest(path: Path, split: str | None = None) -> list[dict[str, Any]]:
-    """A synth manifest's rows (all, or one split)."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [row for row in rows if split is None or row["split"] == split]
-
-
-def judge_manifest(
-    judge: Judge, manifest: Path, facts: Mapping[str, Mapping[str, Any]], split: str | None = None
-) -> dict[str, Any]:
-    """Judges every WAV of a synth manifest (e.g. answers.jsonl): share heard and the misses."""
-    rows = read_manifest(manifest, split)
-    misses = []
-    for row in rows:
-        transcript = judge.transcribe(read_wav(manifest.parent / row["path"]))
-        if not has_key_words(transcript, facts[row["fact_id"]]["key"]):
-            misses.append({"id": row["id"], "text": row["text"], "heard": transcript})
-    share = 1.0 - len(misses) / len(rows) if rows else 0.0
-    return {"share": share, "count": len(rows), "misses": misses}

@@ -37,6 +37,7 @@ from echox.models.echox import EchoXModel
 from echox.tokenizer import TextTokenizer, Turn
 from training.augment import AugmentSettings, augment
 from training.distributed import Parallel
+from training.jsonl import read_jsonl
 from training.text_data import IGNORE_INDEX, Fact
 
 CLEAN = 0  # rendition number of the unaugmented clip
@@ -104,13 +105,8 @@ def load_spoken_questions(
 ) -> list[SpokenQuestion]:
     """synth's question clips (one split, or all) joined with their facts."""
     path = synth_dir / "questions.jsonl"
-    if not path.is_file():
-        raise EchoXError(f"no spoken questions at {path} (run the synth stage first)")
     questions = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for row in read_jsonl(path, "run the synth stage first"):
         if split is not None and row["split"] != split:
             continue
         fact = facts.get(row["fact_id"])

@@ -14,7 +14,7 @@ import json
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -121,6 +121,25 @@ def warmup_cosine(step: int, warmup_steps: int, progress: float, min_ratio: floa
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float | None = None, *, factor: float = 1.0) -> None:
+    """Sets every parameter group's rate to `lr`, or with `lr` None to `factor` times the group's
+    own `peak_lr` (optimizers whose groups learn at different rates keep it in each group)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr if lr is not None else group["peak_lr"] * factor
+
+
+def optimizer_step(
+    optimizer: torch.optim.Optimizer, loss: torch.Tensor, parameters: Iterable[torch.Tensor], grad_clip: float
+) -> None:
+    """One update: fresh gradients of `loss`, their total norm clipped to `grad_clip`, one step."""
+    import torch
+
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # type: ignore[no-untyped-call]
+    torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    optimizer.step()
 
 
 def is_done(run_dir: Path, stage: str) -> bool:

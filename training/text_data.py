@@ -21,6 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from echox.errors import ConfigError
 from echox.tokenizer import ChatFormat, TextTokenizer, Turn
+from training.jsonl import read_jsonl
 
 IGNORE_INDEX = -100  # labels with this value add nothing to the cross-entropy
 
@@ -60,12 +61,10 @@ def load_facts(folder: Path) -> list[Fact]:
     path = folder / "facts.jsonl"
     if not path.is_file():
         raise ConfigError(f"no fact base at {folder}: facts.jsonl is missing")
-    facts = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            facts.append(Fact(row["id"], row["category"], dict(row["slots"]), row["answer"], tuple(row["key"])))
-    return facts
+    return [
+        Fact(row["id"], row["category"], dict(row["slots"]), row["answer"], tuple(row["key"]))
+        for row in read_jsonl(path)
+    ]
 
 
 def load_templates(folder: Path) -> dict[str, list[str]]:

@@ -32,11 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from echox.checkpoint import EchoX
+from echox.convert.files import Tensors, listing, load_safetensors, read_json, safetensors_files
 from echox.errors import EchoXError, ModelLoadError
 from echox.models.echo_decoder import EchoDecoderConfig
 from echox.models.echox import OFFICIAL_T2C_PREFIX, OFFICIAL_T2C_SUFFIX, EchoXConfig, EchoXModel
@@ -50,20 +49,19 @@ from echox.units.codec import UnitLanguageCodec, unit_symbols
 
 log = logging.getLogger(__name__)
 
-Tensors = dict[str, torch.Tensor]
 
 VOCODER_CHECKPOINT = "g_00500000"
 VOCODER_CONFIG = "vocoder_config.json"
 WHISPER_FOLDERS = ("whisper", "whisper-large-v3")
 OFFICIAL_T2C_MAX_POSITIONS = 2048  # hard-coded in the released T2C
 OFFICIAL_MAX_ANSWER_TOKENS = 512  # the released streaming default
-# Every text id the released T2C reads from its own table at inference: the prompt before a
-# segment, the prompt after it (eot + the "speaker" header), the stop id.
 # The system prompt the released models were trained with (part of their expected input).
 OFFICIAL_SYSTEM_MESSAGE = (
     "You are a helpful language and speech assistant. You are able to understand the speech content that "
     "the user provides, and assist the user with a variety of tasks using natural language."
 )
+# Every text id the released T2C reads from its own table at inference: the prompt before a
+# segment, the prompt after it (eot + the "speaker" header), the stop id.
 OFFICIAL_T2C_TEXT_IDS = (*OFFICIAL_T2C_PREFIX, *OFFICIAL_T2C_SUFFIX)
 
 # Source prefix → our prefix. Order matters: the specific `model.*` modules come first.
@@ -93,7 +91,6 @@ _WHISPER_UNUSED = ("model.decoder.", "decoder.", "proj_out.")  # Whisper's text 
 _RECOMPUTED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # old transformers saved RoPE tables
 _UNIT_TOKEN = re.compile(r"^<\|unit_(.*)\|>$")
 _SP_SPACE = "▁"
-_MAX_LISTED = 12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,51 +175,6 @@ def locate(src: Path) -> OfficialSource:
     )
 
 
-def safetensors_files(folder: Path, what: str) -> tuple[Path, ...]:
-    """The weight files of a HF folder: the index's shards, model.safetensors, or model-*-of-*."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ModelLoadError(f"{index} has no weight_map")
-        files = tuple(folder / name for name in sorted(set(weight_map.values())))
-        absent = [f.name for f in files if not f.is_file()]
-        if absent:
-            raise ModelLoadError(f"{index} lists shards that are missing: {absent}")
-        return files
-    if (folder / "model.safetensors").is_file():
-        return (folder / "model.safetensors",)
-    shards = tuple(sorted(folder.glob("model-*-of-*.safetensors")))
-    if not shards:
-        raise ModelLoadError(f"no {what} weights in {folder}: expected model.safetensors or shards")
-    return shards
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"cannot read {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{path} is not a JSON object")
-    return data
-
-
-def load_safetensors(files: Sequence[Path]) -> Tensors:
-    """Every tensor of the files, in their stored dtype; a key in two files is an error."""
-    tensors: Tensors = {}
-    for path in files:
-        try:
-            part = load_file(str(path))
-        except (SafetensorError, OSError) as exc:
-            raise ModelLoadError(f"cannot read weights {path}: {exc}") from None
-        twice = sorted(set(part) & set(tensors))
-        if twice:
-            raise ModelLoadError(f"{path.name} repeats keys of another shard: {twice[:_MAX_LISTED]}")
-        tensors.update(part)
-    return tensors
-
-
 def whisper_encoder_tensors(tensors: Tensors) -> Tensors:
     """Whisper encoder tensors keyed as HF's WhisperEncoder; the text decoder is dropped."""
     prefix = next((p for p in _WHISPER_PREFIXES if f"{p}conv1.weight" in tensors), None)
@@ -235,7 +187,7 @@ def whisper_encoder_tensors(tensors: Tensors) -> Tensors:
         elif not key.startswith(_WHISPER_UNUSED):
             unknown.append(key)
     if unknown:
-        raise ModelLoadError(f"unknown keys in the Whisper weights: {_listing(unknown)}")
+        raise ModelLoadError(f"unknown keys in the Whisper weights: {listing(unknown)}")
     return encoder
 
 
@@ -467,8 +419,8 @@ def assemble(model: EchoXModel, state: Tensors, unused: Sequence[str]) -> EchoXM
         for k, v in state.items()
         if v.shape != expected[k].shape
     )
-    found = [(f"unused source keys {_listing(unused)}", unused), (f"missing keys {_listing(missing)}", missing)]
-    problems = [text for text, items in [*found, (f"shape mismatches {_listing(shapes)}", shapes)] if items]
+    found = [(f"unused source keys {listing(unused)}", unused), (f"missing keys {listing(missing)}", missing)]
+    problems = [text for text, items in [*found, (f"shape mismatches {listing(shapes)}", shapes)] if items]
     if problems:
         raise ModelLoadError("the released checkpoint does not match its config: " + "; ".join(problems))
     model.load_state_dict(state, strict=True, assign=True)
@@ -509,13 +461,13 @@ def unit_pieces(texts: Sequence[str | None], num_units: int) -> list[tuple[int, 
     matches = [_UNIT_TOKEN.match(text) if text is not None else None for text in texts]
     bad = [f"{i}: {texts[i]!r}" for i, m in enumerate(matches) if m is None]
     if bad:
-        raise ModelLoadError(f"unit ids without a <|unit_...|> token: {_listing(bad)}")
+        raise ModelLoadError(f"unit ids without a <|unit_...|> token: {listing(bad)}")
     inners = [m.group(1) for m in matches if m is not None]
     spaced = any(_SP_SPACE in inner for inner in inners)
     numbers = [_piece_numbers(inner, spaced) for inner in inners]
     unsplittable = [f"{k}: {inners[k]!r}" for k, found in enumerate(numbers) if found is None]
     if unsplittable:
-        raise ModelLoadError(f"unit tokens that may continue a number into the next token: {_listing(unsplittable)}")
+        raise ModelLoadError(f"unit tokens that may continue a number into the next token: {listing(unsplittable)}")
     return [tuple(n for n in found if n < num_units) for found in numbers if found is not None]
 
 
@@ -618,8 +570,3 @@ def official_chat_format(tokenizer: Tokenizer, tokenizer_config: Mapping[str, An
         pad=pad,
         period=".",
     )
-
-
-def _listing(items: Sequence[str]) -> str:
-    shown = ", ".join(items[:_MAX_LISTED])
-    return f"[{shown}{f', ... ({len(items)} in all)' if len(items) > _MAX_LISTED else ''}]"

@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 import torch
 
+from echox.errors import EchoXError
+from training.jsonl import read_jsonl, write_jsonl
 from training.recipe import RecipeError, load_recipe
 from training.stage import (
     DONE_FILE,
@@ -19,8 +21,10 @@ from training.stage import (
     StageCancelled,
     StageContext,
     load_training_state,
+    optimizer_step,
     run_stage,
     save_training_state,
+    set_learning_rate,
 )
 
 DATA_ROOT = Path(__file__).resolve().parents[2] / "data"
@@ -161,3 +165,33 @@ def test_training_state_keeps_tied_weights_tied(tmp_path: Path) -> None:
     assert load_training_state(tmp_path, other, torch.optim.AdamW(other.parameters()))[0] == 1
     assert torch.equal(other["embed"].weight, embed.weight)
     assert other["head"].weight.data_ptr() == other["embed"].weight.data_ptr()
+
+
+def test_optimizer_step_clips_the_gradient_norm_before_stepping() -> None:
+    weight = torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    weight.grad = torch.full((3,), 99.0)  # a stale gradient must not add to the new one
+    optimizer_step(optimizer, (weight * torch.tensor([300.0, 0.0, 400.0])).sum(), [weight], grad_clip=5.0)
+    assert torch.allclose(weight.detach(), torch.tensor([-3.0, 0.0, -4.0]))  # (300, 0, 400) scaled to norm 5
+
+
+def test_set_learning_rate_sets_one_rate_or_scales_each_groups_peak() -> None:
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([{"params": [a], "peak_lr": 2e-3}, {"params": [b], "peak_lr": 3e-4}], lr=1.0)
+    set_learning_rate(optimizer, factor=0.5)
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-3, 1.5e-4]
+    set_learning_rate(optimizer, 0.25)
+    assert [g["lr"] for g in optimizer.param_groups] == [0.25, 0.25]
+
+
+def test_jsonl_round_trip_and_clear_errors(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "rows.jsonl"
+    rows = [{"id": "a", "text": "Zürich is in Switzerland."}, {"id": "b", "units": [1, 2, 3]}]
+    write_jsonl(path, rows)
+    assert read_jsonl(path) == rows and not list(path.parent.glob("*.partial"))
+    assert "Zürich" in path.read_text(encoding="utf-8")
+    path.write_text(path.read_text() + "\n{not json\n")
+    with pytest.raises(EchoXError, match=r"rows\.jsonl, line 4: not JSON"):
+        read_jsonl(path)
+    with pytest.raises(EchoXError, match=r"gone\.jsonl is missing \(run the synth stage first\)"):
+        read_jsonl(tmp_path / "gone.jsonl", "run the synth stage first")

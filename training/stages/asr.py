@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -49,25 +48,23 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from echox.audio import SAMPLE_RATE, read_wav
 from echox.checkpoint import save_part
-from echox.convert.official import (
-    encoder_config_from_whisper,
-    load_safetensors,
-    read_json,
-    safetensors_files,
-    whisper_encoder_tensors,
-)
+from echox.convert.files import load_safetensors, read_json, safetensors_files
+from echox.convert.official import encoder_config_from_whisper, whisper_encoder_tensors
 from echox.errors import ConfigError, ModelLoadError
 from echox.models.presets import get_preset
 from echox.models.speech_adapter import ctc_greedy_ids
 from echox.models.speech_encoder import SAMPLES_PER_STATE, SpeechEncoder, SpeechEncoderConfig
 from echox.tokenizer import TextTokenizer
 from training.augment import AugmentSettings, augment
+from training.jsonl import read_jsonl
 from training.stage import (
     MetricsLog,
     StageContext,
     load_training_state,
+    optimizer_step,
     save_training_state,
     schedule_progress,
+    set_learning_rate,
     settings_kwargs,
     warmup_cosine,
 )
@@ -179,11 +176,9 @@ def load_clips(synth: Path, tokenizer: TextTokenizer, answers: bool) -> list[Cli
     """Every question (and, with `answers`, every agent answer) of the synth manifests."""
     clips: list[Clip] = []
     for kind, manifest in list(MANIFESTS.items())[: 2 if answers else 1]:
-        for line in (synth / manifest).read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                text, split, seconds = str(row["text"]), str(row["split"]), float(row["seconds"])
-                clips.append(Clip(synth / row["path"], text, tuple(tokenizer.encode(text)), split, seconds, kind))
+        for row in read_jsonl(synth / manifest, "run the synth stage first"):
+            text, split, seconds = str(row["text"]), str(row["split"]), float(row["seconds"])
+            clips.append(Clip(synth / row["path"], text, tuple(tokenizer.encode(text)), split, seconds, kind))
     return clips
 
 
@@ -482,14 +477,10 @@ class Trainer:
         rng = np.random.default_rng([self.ctx.seed, step])  # the same augmentation after a resume
         clips = [self.train[i] for i in self.schedule.indices(step)]
         batch = training_batch(clips, self.speech_encoder, self.tokenizer, self.settings, self.augment, rng)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(self.optimizer, lr)
         blank = ctc_blank(self.settings.ctc_units, self.tokenizer)
         loss, figures = batch_loss(self.model, batch, blank, self.settings.ctc_weight)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
-        self.optimizer.step()
+        optimizer_step(self.optimizer, loss, self.model.parameters(), self.settings.grad_clip)
         return {"loss": loss.item(), **figures}
 
     def evaluate(self) -> dict[str, Any]:

@@ -67,6 +67,7 @@ from training.echo_targets import (
     read_pieces,
     with_answer,
 )
+from training.jsonl import read_jsonl
 from training.judge import has_key_words
 from training.listen_data import (
     CLEAN,
@@ -86,8 +87,10 @@ from training.stage import (
     MetricsLog,
     StageContext,
     load_training_state,
+    optimizer_step,
     save_training_state,
     schedule_progress,
+    set_learning_rate,
     settings_kwargs,
     warmup_cosine,
 )
@@ -421,15 +424,11 @@ def train_loop(ctx: StageContext, settings: EchoSettings, work: Training) -> dic
     model.train()
     while progress < 1.0:
         ctx.check_cancelled()
-        for group in optimizer.param_groups:
-            group["lr"] = group["peak_lr"] * warmup_cosine(step, settings.warmup, progress, settings.min_lr_ratio)
+        set_learning_rate(optimizer, factor=warmup_cosine(step, settings.warmup, progress, settings.min_lr_ratio))
         chosen = parallel.shard(batch_indices(len(work.train), settings.batch_size, ctx.seed, step))
         with parallel.autocast():
             loss, figures = objective([work.train[i] for i in chosen])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
-        torch.nn.utils.clip_grad_norm_(state_module.parameters(), settings.grad_clip)
-        optimizer.step()
+        optimizer_step(optimizer, loss, state_module.parameters(), settings.grad_clip)
         step += 1
         elapsed = elapsed_before + time.perf_counter() - started
         progress = parallel.agree_max(schedule_progress(step, settings.steps, elapsed, settings.max_minutes))
@@ -474,7 +473,7 @@ def renditions(ctx: StageContext, facts: Mapping[str, Fact], settings: EchoSetti
     them (same seed: the same clips, so its cached states serve), then kept for the chosen facts.
     Dev: `dev_clips` clean dev-voice questions about facts whose recorded answer is held out."""
     synth = ctx.input("synth")
-    rows = (json.loads(line) for line in (synth / "answers.jsonl").read_text().splitlines() if line.strip())
+    rows = read_jsonl(synth / "answers.jsonl", "run the synth stage first")
     answer_split = {row["fact_id"]: row["split"] for row in rows}
     plan = plan_renditions(load_spoken_questions(synth, facts, "train"), settings.clean_per_text,
                            settings.augmented_per_text, ctx.seed)
@@ -507,7 +506,7 @@ def target_book(ctx: StageContext, echox: EchoX, layout: Layout, facts: Mapping[
     tokenizer = echox.tokenizer
     frozen_table = load_text_side(ctx.input("lm"), tokenizer.chat).table
     t2c = FrozenT2C.load(ctx.input("t2c"), frozen_table, tokenizer, layout.t2c_prefix, layout.t2c_suffix)
-    rows = (json.loads(line) for line in (ctx.input("units") / "units.jsonl").read_text().splitlines() if line)
+    rows = read_jsonl(ctx.input("units") / "units.jsonl", "run the units stage first")
     units = {row["fact_id"]: row["units"] for row in rows}
     pieces = read_pieces(ctx.input("t2c") / PIECES_FILE)
     gold = {fact_id: gold_targets(tokenizer, echox.codec, tokenizer.encode(fact.answer), units[fact_id], pieces)

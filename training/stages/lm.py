@@ -35,14 +35,12 @@ from tokenizers import Tokenizer
 from transformers import PreTrainedModel
 
 from echox.checkpoint import save_part
+from echox.convert.files import load_safetensors, read_json, safetensors_files
 from echox.convert.official import (
     LLM_HEAD,
     LLM_TABLE,
     llama3_pad,
     llm_config_from_official,
-    load_safetensors,
-    read_json,
-    safetensors_files,
 )
 from echox.errors import ConfigError, EchoXError, ModelLoadError
 from echox.models.llm import LLMConfig, build_llm
@@ -53,8 +51,10 @@ from training.stage import (
     MetricsLog,
     StageContext,
     load_training_state,
+    optimizer_step,
     save_training_state,
     schedule_progress,
+    set_learning_rate,
     settings_kwargs,
     warmup_cosine,
 )
@@ -417,20 +417,16 @@ def import_run(ctx: StageContext, settings: LMSettings) -> dict[str, Any]:
     }
 
 
-def optimizer_step(
+def train_step(
     model: PreTrainedModel,
     optimizer: torch.optim.Optimizer,
     batch: Mapping[str, torch.Tensor],
     lr: float,
     settings: LMSettings,
 ) -> tuple[float, float]:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    set_learning_rate(optimizer, lr)
     loss, token_accuracy = answer_loss(model, batch)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-    optimizer.step()
+    optimizer_step(optimizer, loss, model.parameters(), settings.grad_clip)
     return loss.item(), token_accuracy
 
 
@@ -468,7 +464,7 @@ def train_steps(
         ctx.check_cancelled()
         batch = pad_batch([examples[i] for i in schedule.indices(step)], pad_id)
         lr = settings.lr * warmup_cosine(step, settings.warmup, progress, settings.min_lr_ratio)
-        loss_value, token_accuracy = optimizer_step(model, optimizer, batch, lr, settings)
+        loss_value, token_accuracy = train_step(model, optimizer, batch, lr, settings)
         step += 1
         elapsed = elapsed_before + time.perf_counter() - started
         progress = schedule_progress(step, settings.steps, elapsed, settings.time_limit_s / 60)

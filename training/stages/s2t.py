@@ -64,8 +64,10 @@ from training.stage import (
     MetricsLog,
     StageContext,
     load_training_state,
+    optimizer_step,
     save_training_state,
     schedule_progress,
+    set_learning_rate,
     settings_kwargs,
     warmup_cosine,
 )
@@ -384,18 +386,13 @@ def train_steps(
     state_module.train()
     while progress < 1.0:
         ctx.check_cancelled()
-        factor = warmup_cosine(step, settings.warmup, progress, settings.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = group["peak_lr"] * factor
+        set_learning_rate(optimizer, factor=warmup_cosine(step, settings.warmup, progress, settings.min_lr_ratio))
         if settings.llm_frozen_share > 0:
             set_llm_trainable(model, settings, progress >= settings.llm_frozen_share)
         chosen = parallel.shard(batch_indices(len(train), settings.batch_size, ctx.seed, step))
         with parallel.autocast():
             loss, figures = objective(collate([train[i] for i in chosen]))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
-        torch.nn.utils.clip_grad_norm_(state_module.parameters(), settings.grad_clip)
-        optimizer.step()
+        optimizer_step(optimizer, loss, state_module.parameters(), settings.grad_clip)
         step += 1
         elapsed = elapsed_before + time.perf_counter() - started
         progress = parallel.agree_max(schedule_progress(step, settings.steps, elapsed, settings.max_minutes))

@@ -35,6 +35,7 @@ import soundfile as sf
 from echox.audio import SAMPLE_RATE, write_wav
 from echox.errors import EchoXError
 from echox.espeak import espeak_available, speak
+from training.jsonl import read_jsonl
 
 if TYPE_CHECKING:
     from training.stage import Reporter, StageContext
@@ -77,8 +78,7 @@ def load_fact_base(facts_dir: Path) -> FactBase:
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:
         raise EchoXError(f"the fact base is incomplete, missing: {', '.join(missing)}")
-    lines = paths["facts.jsonl"].read_text().splitlines()
-    facts = [json.loads(line) for line in lines if line.strip()]
+    facts = read_jsonl(paths["facts.jsonl"])
     templates = json.loads(paths["templates.json"].read_text())
     voices = json.loads(paths["voices.json"].read_text())
     unknown = sorted({f["category"] for f in facts} - set(templates))

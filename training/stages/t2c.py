@@ -22,7 +22,6 @@ loss.png, and `checkpoint/` for resume.
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import re
 import time
@@ -41,12 +40,15 @@ from echox.models.llm import LLMConfig, build_llm
 from echox.models.presets import get_preset
 from echox.tokenizer import ChatFormat, TextTokenizer
 from echox.units.codec import UnitLanguageCodec
+from training.jsonl import read_jsonl, write_jsonl
 from training.stage import (
     MetricsLog,
     StageContext,
     load_training_state,
+    optimizer_step,
     save_training_state,
     schedule_progress,
+    set_learning_rate,
     settings_kwargs,
     warmup_cosine,
 )
@@ -163,17 +165,11 @@ def collate(
     return T2CBatch(input_ids, mask, labels)
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise EchoXError(f"t2c: {path} is missing")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def answer_rows(run_dir: Path) -> list[dict[str, Any]]:
     """The agent answers: synth's manifest line (text, voice) joined with units' line (units)."""
-    answers = {row["id"]: row for row in _read_jsonl(run_dir / "synth" / "answers.jsonl")}
+    answers = {row["id"]: row for row in read_jsonl(run_dir / "synth" / "answers.jsonl", "run the synth stage first")}
     rows = []
-    for unit_row in _read_jsonl(run_dir / "units" / "units.jsonl"):
+    for unit_row in read_jsonl(run_dir / "units" / "units.jsonl", "run the units stage first"):
         answer = answers.get(unit_row["id"])
         if answer is None:
             raise EchoXError(f"t2c: units.jsonl names {unit_row['id']!r}, which synth's answers.jsonl lacks")
@@ -199,13 +195,12 @@ def vocabulary_phrases(texts: Sequence[str], repeats: int, words: tuple[int, int
 
 def cached_render(path: Path, texts: Sequence[str], render: UnitRenderer) -> dict[str, list[int]]:
     """Units of every text, rendering only those not already in `path` (a JSONL cache)."""
-    cache = {row["text"]: row["units"] for row in _read_jsonl(path)} if path.is_file() else {}
+    cache = {row["text"]: row["units"] for row in read_jsonl(path)} if path.is_file() else {}
     missing = sorted({t for t in texts if t not in cache})
     if missing:
         for text, units in zip(missing, render(missing), strict=True):
             cache[text] = units
-        lines = (json.dumps({"text": t, "units": u}) for t, u in sorted(cache.items()))
-        path.write_text("\n".join(lines) + "\n")
+        write_jsonl(path, ({"text": t, "units": u} for t, u in sorted(cache.items())))
     return {text: cache[text] for text in texts}
 
 
@@ -488,15 +483,11 @@ def train_decoder(
     while progress < 1.0:
         ctx.check_cancelled()
         factor = warmup_cosine(step, settings.warmup_steps, progress, settings.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = settings.learning_rate * factor
+        set_learning_rate(optimizer, settings.learning_rate * factor)
         chosen = [train[i] for i in next(batches)]
         batch = collate(chosen, text.tokenizer, decoder.config.text_vocab_size)
         loss, _, _ = batch_loss(decoder, batch, text.table, settings.unit_dropout)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
-        torch.nn.utils.clip_grad_norm_(decoder.parameters(), settings.grad_clip)
-        optimizer.step()
+        optimizer_step(optimizer, loss, decoder.parameters(), settings.grad_clip)
         step += 1
         elapsed = elapsed_before + time.perf_counter() - started
         progress = schedule_progress(step, settings.steps, elapsed, settings.max_minutes)

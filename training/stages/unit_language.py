@@ -18,8 +18,9 @@ from typing import Any
 
 from echox.errors import EchoXError
 from echox.units.codec import UnitLanguageCodec
+from training.jsonl import read_jsonl
 from training.stage import MetricsLog, StageContext, settings_kwargs
-from training.stages.units import UNITS_MANIFEST, read_manifest
+from training.stages.units import UNITS_MANIFEST
 
 CODEC_FILE = "unit_language.json"
 
@@ -66,7 +67,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     settings = UnitLanguageSettings.from_mapping(ctx.settings)
     units_dir = ctx.input("units")
     num_units = int(json.loads((units_dir / "units.json").read_text())["num_units"])
-    rows = read_manifest(units_dir / UNITS_MANIFEST)
+    rows = read_jsonl(units_dir / UNITS_MANIFEST, "run the units stage first")
     ctx.reporter.start(ctx.stage, total=1, unit="codec")
     ctx.check_cancelled()
     codec, figures = train_unit_language(rows, num_units, settings.vocab_size)

@@ -39,6 +39,7 @@ from training.features import (
     fit_kmeans,
     load_speech_encoder,
 )
+from training.jsonl import read_jsonl, write_jsonl
 from training.stage import StageContext, settings_kwargs
 
 UNITS_MANIFEST = "units.jsonl"
@@ -65,23 +66,10 @@ class UnitsSettings:
         return FeatureConfig.from_dict({**FeatureConfig().to_dict(), **dict(self.features)})
 
 
-def read_manifest(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise EchoXError(f"units: no manifest at {path}")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def units_row(row: Mapping[str, Any], frame_units: Sequence[int]) -> dict[str, Any]:
     """One units.jsonl line (the contract): deduplicated units and their durations."""
     units, durations = dedup(frame_units)
     return {"id": row["id"], "fact_id": row["fact_id"], "split": row["split"], "units": units, "durations": durations}
-
-
-def write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    tmp.replace(path)
 
 
 def fit_extractor(
@@ -133,7 +121,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     settings = UnitsSettings.from_mapping(ctx.settings)
     config = settings.feature_config()
     synth = ctx.input("synth")
-    answers = read_manifest(synth / ANSWERS_MANIFEST)
+    answers = read_jsonl(synth / ANSWERS_MANIFEST, "run the synth stage first")
     train = [row for row in answers if row["split"] == "train"]
     if not train:
         raise EchoXError("units: synth's answers.jsonl has no train answers")
@@ -185,7 +173,7 @@ def register_cli(sub: Any) -> None:
 def run_extract_cli(args: argparse.Namespace) -> int:
     manifest = args.corpus if args.corpus.is_file() else args.corpus / ANSWERS_MANIFEST
     extractor = UnitExtractor.load(args.model)
-    rows = extract_rows(extractor, read_manifest(manifest), manifest.parent)
+    rows = extract_rows(extractor, read_jsonl(manifest), manifest.parent)
     write_jsonl(args.out, rows)
     print(f"wrote {len(rows)} lines to {args.out} (k={extractor.num_units})")
     return 0
@@ -194,7 +182,7 @@ def run_extract_cli(args: argparse.Namespace) -> int:
 def run_train_language_cli(args: argparse.Namespace) -> int:
     from training.stages.unit_language import train_unit_language
 
-    rows = read_manifest(args.units)
+    rows = read_jsonl(args.units)
     num_units = args.num_units
     if num_units is None:
         config_path = args.units.parent / "units.json"

@@ -47,12 +47,15 @@ from echox.models.vocoder import VocoderConfig
 from echox.models.vocoders import AnyVocoder, AnyVocoderConfig, build_vocoder
 from echox.units.codec import expand
 from training.features import PitchConfig, UnitExtractor, continuous_log_f0, pitch_track
+from training.jsonl import read_jsonl
 from training.stage import (
     MetricsLog,
     StageContext,
     load_training_state,
+    optimizer_step,
     save_training_state,
     schedule_progress,
+    set_learning_rate,
     settings_kwargs,
     warmup_cosine,
 )
@@ -162,17 +165,11 @@ class Utterance:
 # --- data --------------------------------------------------------------------------------
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise EchoXError(f"vocoder: {path} is missing")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def load_utterances(synth_dir: Path, units_dir: Path, hop_length: int) -> list[Utterance]:
     """Joins units.jsonl with synth's answers.jsonl by id; the audio is cut to the units' frames."""
-    answers = {row["id"]: row for row in _read_jsonl(synth_dir / "answers.jsonl")}
+    answers = {row["id"]: row for row in read_jsonl(synth_dir / "answers.jsonl", "run the synth stage first")}
     out = []
-    for row in _read_jsonl(units_dir / "units.jsonl"):
+    for row in read_jsonl(units_dir / "units.jsonl", "run the units stage first"):
         answer = answers.get(row["id"])
         if answer is None:
             raise EchoXError(f"vocoder: units.jsonl names {row['id']!r}, which synth's answers.jsonl lacks")
@@ -384,18 +381,14 @@ def train_vocoder(
             metrics.save()
             ctx.check_cancelled()
         factor = warmup_cosine(step, settings.warmup_steps, progress, settings.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = settings.learning_rate * factor
+        set_learning_rate(optimizer, settings.learning_rate * factor)
         generator = torch.Generator().manual_seed(ctx.seed * 1_000_003 + step)
         crops = crop_batch(train, settings.batch_size, settings.segment_frames, model.config.hop_length, generator)
         parts, generated = _step_losses(model, loss_fn, crops, train, settings, generator)
         if adversary is not None and progress >= settings.adversarial_start:
             shown = settings.discriminator_batch
             adversary.add_terms(parts, crops.audio[:shown], generated[:shown], settings.adversarial_weights, factor)
-        optimizer.zero_grad(set_to_none=True)
-        parts["loss"].backward()  # type: ignore[no-untyped-call]
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-        optimizer.step()
+        optimizer_step(optimizer, parts["loss"], model.parameters(), settings.grad_clip)
         step += 1
         elapsed = elapsed_before + time.perf_counter() - started
         progress = schedule_progress(step, settings.steps, elapsed, settings.max_minutes)
@@ -460,8 +453,7 @@ def fit_durations(
     for step in range(settings.duration_steps):
         ctx.check_cancelled()
         factor = warmup_cosine(step, 0, step / settings.duration_steps, settings.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = settings.duration_learning_rate * factor
+        set_learning_rate(optimizer, settings.duration_learning_rate * factor)
         units, durations = duration_batch(train, settings.duration_batch, generator)
         loss = model.duration_loss(units, durations)
         model.zero_grad(set_to_none=True)  # the unit table gets gradients too; only the predictor steps
@@ -509,9 +501,10 @@ def judge_dev(
 ) -> dict[str, Any]:
     """The judge's share of dev answers whose key words it hears: original recordings, and
     resyntheses with true and with predicted durations (plus what it heard when it missed)."""
-    from training.judge import Judge, has_key_words, load_facts
+    from training.judge import Judge, has_key_words
+    from training.text_data import load_facts
 
-    facts = load_facts(facts_dir)
+    facts = {fact.id: fact for fact in load_facts(facts_dir)}
     judge = Judge(cpu_threads=threads)
     heard = {"original": 0, "resynth_true": 0, "resynth_predicted": 0}
     misses: dict[str, list[dict[str, str]]] = {name: [] for name in heard}
@@ -523,7 +516,7 @@ def judge_dev(
         }
         for name, audio in versions.items():
             transcript = judge.transcribe(audio)
-            if has_key_words(transcript, facts[utt.fact_id]["key"]):
+            if has_key_words(transcript, facts[utt.fact_id].key):
                 heard[name] += 1
             else:
                 misses[name].append({"id": utt.id, "heard": transcript})
