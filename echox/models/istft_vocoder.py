@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +30,7 @@ from torch import nn
 from echox.audio import SAMPLE_RATE
 from echox.config import ConfigBase
 from echox.errors import ConfigError
-from echox.models.vocoder import DurationPredictor
+from echox.models.unit_durations import DurationPredictor, DurationUnitVocoder
 
 ARCHITECTURE = "istft"
 HEADS = ("harmonic", "spectrum")
@@ -179,7 +178,7 @@ def _sum_harmonics(amplitude: torch.Tensor, cycles: torch.Tensor, hop: int) -> t
     return mixed.reshape(batch, (frames + 1) * hop)[:, lead : lead + frames * hop]
 
 
-class IstftVocoder(nn.Module):
+class IstftVocoder(DurationUnitVocoder):
     """Units → ConvNeXt at 50 Hz → harmonic-plus-noise (or spectrum) head → 16 kHz waveform,
     plus a duration predictor."""
 
@@ -202,10 +201,6 @@ class IstftVocoder(nn.Module):
                 self.head.bias.fill_(-4.6)
                 self.head.bias[:: c.head_outputs] = 0.0
         self.istft = InverseStft(c.n_fft, c.synthesis_hop)
-
-    @property
-    def device(self) -> torch.device:
-        return self.unit_embed.weight.device
 
     def encode(self, units: torch.Tensor) -> torch.Tensor:
         """Frame-rate units [B, T] → head outputs per synthesis frame [B, T · subframes, head_outputs]."""
@@ -300,72 +295,11 @@ class IstftVocoder(nn.Module):
         mask = (freqs < nyquist) & voiced_frames.unsqueeze(-1)
         return ((predicted - target).abs() * mask).sum() / mask.sum().clamp(min=1)
 
-    def log_durations(self, dedup_units: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Raw duration-predictor output log(1 + d) per deduplicated unit, [B, N]."""
-        return self.dur_predictor(self.unit_embed(dedup_units), mask)  # type: ignore[no-any-return]
-
-    def predict_durations(self, dedup_units: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """Frames per deduplicated unit [B, N] → LongTensor [B, N], >= 1 (0 at padding)."""
-        mask = None
-        if lengths is not None:
-            positions = torch.arange(dedup_units.shape[1], device=dedup_units.device)
-            mask = positions.unsqueeze(0) < lengths.to(dedup_units.device).unsqueeze(1)
-        log_dur = self.log_durations(dedup_units, mask)
-        durations = torch.clamp(torch.round(torch.exp(log_dur) - 1).long(), min=1)
-        return durations if mask is None else durations.masked_fill(~mask, 0)
-
-    def duration_loss(self, dedup_units: torch.Tensor, target_durations: torch.Tensor) -> torch.Tensor:
-        """MSE between predicted log-durations and log(1 + target); padding = target 0."""
-        mask = target_durations > 0
-        if not bool(mask.any()):
-            raise ValueError("duration_loss: every target duration is padding (0)")
-        log_dur = self.log_durations(dedup_units, mask)
-        target = torch.log1p(target_durations.to(log_dur.dtype))
-        return F.mse_loss(log_dur[mask], target[mask])
-
-    @torch.no_grad()
-    def synthesize(
-        self, dedup_units: torch.Tensor | Sequence[int], durations: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """One utterance of deduplicated units [N] → float32 waveform [samples] on the CPU.
-
-        Uses predicted durations when `durations` is None; runs in eval mode and restores the
-        mode. The noise comes from a fixed seed, so the same units always give the same audio.
-        """
-        units = self._check_units(dedup_units)
-        was_training = self.training
-        self.eval()
-        try:
-            if durations is None:
-                frames = self.predict_durations(units.unsqueeze(0))[0]
-            else:
-                frames = self._check_durations(durations, units.shape[0])
-            expanded = torch.repeat_interleave(units, frames).unsqueeze(0)
-            generator = torch.Generator().manual_seed(_SYNTHESIS_SEED)
-            audio: torch.Tensor = self.decode(self.encode(expanded), generator=generator)[0]
-        finally:
-            self.train(was_training)
-        return audio.float().cpu().contiguous()
+    def waveform(self, units: torch.Tensor) -> torch.Tensor:
+        """Frame-rate units [B, T] → waveform; the noise comes from a fixed seed, so the same
+        units always give the same audio."""
+        generator = torch.Generator().manual_seed(_SYNTHESIS_SEED)
+        return self.decode(self.encode(units), generator=generator)
 
     def remove_weight_norm(self) -> None:
         """No weight norm here; kept so callers can treat every unit vocoder alike."""
-
-    def _check_units(self, dedup_units: torch.Tensor | Sequence[int]) -> torch.Tensor:
-        units = torch.as_tensor(dedup_units)
-        if units.ndim != 1 or units.numel() == 0:
-            shape = tuple(units.shape)
-            raise ValueError(f"synthesize: expected a non-empty 1-D sequence of unit ids, got shape {shape}")
-        if units.is_floating_point() or units.is_complex() or units.dtype == torch.bool:
-            raise ValueError(f"synthesize: unit ids must be integers, got {units.dtype}")
-        low, high = int(units.min()), int(units.max())
-        if low < 0 or high >= self.config.num_units:
-            raise ValueError(f"synthesize: unit ids must be in [0, {self.config.num_units}), got range [{low}, {high}]")
-        return units.long().to(self.device)
-
-    def _check_durations(self, durations: torch.Tensor, num_units: int) -> torch.Tensor:
-        frames = torch.as_tensor(durations)
-        if frames.shape != (num_units,):
-            raise ValueError(f"synthesize: durations shape {tuple(frames.shape)} != units shape ({num_units},)")
-        if frames.is_floating_point() or int(frames.min()) < 1:
-            raise ValueError("synthesize: durations must be integers >= 1")
-        return frames.long().to(self.device)

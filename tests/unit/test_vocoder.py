@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from echox.errors import ConfigError, ModelLoadError
+from echox.models.istft_vocoder import IstftVocoder, IstftVocoderConfig
 from echox.models.vocoder import (
     UnitVocoder,
     VocoderConfig,
@@ -28,6 +29,13 @@ MICRO = VocoderConfig(
     dur_hidden_dim=8,
     dur_kernel_size=3,
     dur_dropout=0.5,
+)
+
+
+# The tiny recipe's architecture, as small: the checks and durations are shared with UnitVocoder.
+MICRO_ISTFT = IstftVocoderConfig(
+    num_units=20, unit_embed_dim=8, hidden_dim=16, intermediate_dim=32, num_layers=1, num_harmonics=4,
+    envelope_bins=8, noise_bins=8, dur_hidden_dim=8,
 )
 
 
@@ -310,18 +318,28 @@ def test_duration_loss_ignores_padding_and_trains_predictor() -> None:
         ([1, 2], torch.tensor([1.0, 2.0]), ">= 1"),
     ],
 )
-def test_synthesize_rejects_bad_input(units: Any, durations: torch.Tensor | None, match: str) -> None:
+@pytest.mark.parametrize("architecture", ["hifigan", "istft"])
+def test_synthesize_rejects_bad_input(units: Any, durations: Any, match: str, architecture: str) -> None:
     with pytest.raises(ValueError, match=match):
-        _model().synthesize(units, durations)
+        _either(architecture).synthesize(units, durations)
+
+
+def _either(architecture: str) -> UnitVocoder | IstftVocoder:
+    torch.manual_seed(0)
+    return _model() if architecture == "hifigan" else IstftVocoder(MICRO_ISTFT).eval()
 
 
 @pytest.mark.unit
-def test_synthesize_is_deterministic_and_restores_training_mode() -> None:
-    model = _model().train()
+@pytest.mark.parametrize("architecture", ["hifigan", "istft"])
+def test_synthesize_is_deterministic_and_restores_training_mode(architecture: str) -> None:
+    model = _either(architecture).train()
     units = [1, 2, 3, 2, 7]
-    first = model.synthesize(units)  # dropout is off despite train mode
+    first = model.synthesize(units)  # dropout is off despite train mode; istft noise has a fixed seed
     assert torch.equal(first, model.synthesize(units))
     assert model.training
+    durations = torch.tensor([1, 2, 1, 3, 1])
+    hop = model.config.hop_length
+    assert model.synthesize(units, durations).shape == (int(durations.sum()) * hop,)
 
 
 @pytest.mark.unit
