@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from echox.models.llm import build_llm
 from echox.models.presets import preset_tiny
 from echox.tokenizer import byte_level_tokenizer
 from echox.units.codec import UnitLanguageCodec
+from tests.unit.test_asr_stage import CancelAfter
 from training.stage import DONE_FILE, StageCancelled, StageContext, run_stage
 from training.stages import t2c
 from training.text_data import Fact
@@ -105,25 +105,6 @@ def context(run: Path, settings: dict[str, object], cancel_after: int | None = N
     if cancel_after is not None:
         ctx.reporter = CancelAfter(ctx.cancel, cancel_after)
     return ctx
-
-
-class CancelAfter:
-    """A reporter that cancels the stage after `steps` training steps."""
-
-    def __init__(self, cancel: threading.Event, steps: int) -> None:
-        self.cancel, self.left = cancel, steps
-
-    def start(self, stage: str, total: int, unit: str = "steps") -> None:
-        pass
-
-    def advance(self, steps: int = 1, **metrics: float) -> None:
-        if metrics:  # the resume catch-up advance carries no metrics
-            self.left -= steps
-            if self.left <= 0:
-                self.cancel.set()
-
-    def log(self, message: str) -> None:
-        pass
 
 
 @pytest.fixture
