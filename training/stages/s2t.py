@@ -99,7 +99,7 @@ class S2TSettings:
     warmup: int = 50
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    ctc_weight: float = 0.3  # the spec's (the paper's scale); the tiny recipe sets 1.0 (README)
+    ctc_weight: float = 0.3
     clean_per_text: int = 6  # clean train clips per question text, spread over the train voices
     augmented_per_text: int = 2  # augmented renditions per question text
     augment: dict[str, Any] = dataclasses.field(default_factory=dict)  # AugmentSettings fields
