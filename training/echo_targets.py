@@ -181,9 +181,7 @@ class EchoTargetCache:
 
     @staticmethod
     def read(path: Path) -> dict[str, tuple[int, ...]]:
-        if not path.is_file():
-            return {}
-        return {row["text"]: tuple(row["unit_tokens"]) for row in read_jsonl(path)}
+        return {row["text"]: tuple(row["unit_tokens"]) for row in read_jsonl(path, missing_ok=True)}
 
     def figures(self) -> dict[str, int]:
         return {"targets_generated": self.generated, "targets_reused": self.reused,
@@ -208,9 +206,7 @@ def gold_targets(
 
 def read_pieces(path: Path) -> dict[str, list[int]]:
     """The t2c stage's rendered segments (text → dedup units); empty when there are none."""
-    if not path.is_file():
-        return {}
-    return {row["text"]: list(row["units"]) for row in read_jsonl(path)}
+    return {row["text"]: list(row["units"]) for row in read_jsonl(path, missing_ok=True)}
 
 
 # --- the model's own answers and their hidden states ----------------------------------------

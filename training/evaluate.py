@@ -109,9 +109,7 @@ def swapped_texts(
     from training.stages.t2c import PIECES_FILE, swap_words
 
     trained = {row["text"] for row in read_jsonl(run_dir / "synth" / "answers.jsonl") if row["split"] == "train"}
-    pieces = run_dir / "t2c" / PIECES_FILE
-    if pieces.is_file():
-        trained |= {row["text"] for row in read_jsonl(pieces)}
+    trained |= {row["text"] for row in read_jsonl(run_dir / "t2c" / PIECES_FILE, missing_ok=True)}
     by_id = {fact["id"]: fact for fact in facts}
     by_category: dict[str, list[Mapping[str, Any]]] = {}
     for fact in facts:

@@ -11,9 +11,12 @@ from typing import Any
 from echox.errors import EchoXError
 
 
-def read_jsonl(path: Path, hint: str = "") -> list[dict[str, Any]]:
-    """Every row of `path`; blank lines are skipped. A missing file or a line that is not JSON is
-    an EchoXError naming the file (and `hint`, e.g. which stage writes it)."""
+def read_jsonl(path: Path, hint: str = "", *, missing_ok: bool = False) -> list[dict[str, Any]]:
+    """Every row of `path`; blank lines are skipped. A line that is not JSON is an EchoXError
+    naming the file; so is a missing file (with `hint`, e.g. which stage writes it), unless
+    `missing_ok`: then there are no rows (a cache not written yet)."""
+    if missing_ok and not path.is_file():
+        return []
     if not path.is_file():
         raise EchoXError(f"{path} is missing" + (f" ({hint})" if hint else ""))
     rows = []

@@ -195,3 +195,4 @@ def test_jsonl_round_trip_and_clear_errors(tmp_path: Path) -> None:
         read_jsonl(path)
     with pytest.raises(EchoXError, match=r"gone\.jsonl is missing \(run the synth stage first\)"):
         read_jsonl(tmp_path / "gone.jsonl", "run the synth stage first")
+    assert read_jsonl(tmp_path / "gone.jsonl", missing_ok=True) == []

@@ -195,7 +195,7 @@ def vocabulary_phrases(texts: Sequence[str], repeats: int, words: tuple[int, int
 
 def cached_render(path: Path, texts: Sequence[str], render: UnitRenderer) -> dict[str, list[int]]:
     """Units of every text, rendering only those not already in `path` (a JSONL cache)."""
-    cache = {row["text"]: row["units"] for row in read_jsonl(path)} if path.is_file() else {}
+    cache = {row["text"]: row["units"] for row in read_jsonl(path, missing_ok=True)}
     missing = sorted({t for t in texts if t not in cache})
     if missing:
         for text, units in zip(missing, render(missing), strict=True):
