@@ -65,26 +65,22 @@ class EvalAnswer:
 
 
 def load_answers(run_dir: Path, split: str, facts: Mapping[str, Mapping[str, Any]]) -> list[EvalAnswer]:
-    """The `split` answers of a run, joined with their units (ids must match)."""
-    units = {row["id"]: row for row in read_jsonl(run_dir / "units" / "units.jsonl", "run the units stage first")}
-    answers = []
-    for row in read_jsonl(run_dir / "synth" / "answers.jsonl", "run the synth stage first"):
-        if row["split"] != split:
-            continue
-        if row["id"] not in units:
-            raise EchoXError(f"eval: answer {row['id']} has no units in {run_dir / 'units'}")
-        unit_row = units[row["id"]]
-        answers.append(
-            EvalAnswer(
-                id=row["id"],
-                fact_id=row["fact_id"],
-                text=row["text"],
-                keys=tuple(facts[row["fact_id"]]["key"]),
-                recording=run_dir / "synth" / row["path"],
-                units=tuple(unit_row["units"]),
-                durations=tuple(unit_row["durations"]),
-            )
+    """The `split` answers of a run, with their units."""
+    from training.stages.units import answers_with_units
+
+    answers = [
+        EvalAnswer(
+            id=row["id"],
+            fact_id=row["fact_id"],
+            text=row["text"],
+            keys=tuple(facts[row["fact_id"]]["key"]),
+            recording=run_dir / "synth" / row["path"],
+            units=tuple(unit_row["units"]),
+            durations=tuple(unit_row["durations"]),
         )
+        for row, unit_row in answers_with_units(run_dir / "synth", run_dir / "units", "eval")
+        if row["split"] == split
+    ]
     if not answers:
         raise EchoXError(f"eval: no {split!r} answers in {run_dir / 'synth'}")
     return answers

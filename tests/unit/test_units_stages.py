@@ -158,6 +158,22 @@ def test_units_jsonl_follows_the_contract(run_dir: Path) -> None:
     assert summary["num_units"] == K and summary["answers"] == len(ANSWERS)
 
 
+def test_answers_with_units_joins_by_id_and_names_a_stale_side(run_dir: Path, tmp_path: Path) -> None:
+    pairs = units.answers_with_units(run_dir / "synth", run_dir / "units", "test")
+    answer_ids = [a["id"] for a in _rows(run_dir / "synth" / "answers.jsonl")]
+    assert [(a["id"], u["id"]) for a, u in pairs] == list(zip(answer_ids, answer_ids, strict=True))
+    rows = _rows(run_dir / "units" / "units.jsonl")
+    for kept, problem in (
+        (rows[1:], f"has no units for the answers \\[{rows[0]['id']}\\]"),
+        ([*rows, {**rows[0], "id": "zz9"}], r"names answers that synth's answers.jsonl lacks: \[zz9\]"),
+    ):
+        stale = tmp_path / "units"
+        stale.mkdir(exist_ok=True)
+        (stale / "units.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+        with pytest.raises(EchoXError, match=f"^test: units.jsonl {problem}"):
+            units.answers_with_units(run_dir / "synth", stale, "test")
+
+
 def test_saved_extractor_reproduces_the_stage_units(run_dir: Path) -> None:
     """Dedup consistency: expand(units, durations) is exactly what the saved k-means gives per frame."""
     extractor = UnitExtractor.load(run_dir / "units")

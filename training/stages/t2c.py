@@ -53,6 +53,7 @@ from training.stage import (
     warmup_cosine,
 )
 from training.stages.lm import load_lm_tokenizer
+from training.stages.units import answers_with_units
 from training.text_data import Fact
 
 IGNORE_INDEX = -100
@@ -166,15 +167,9 @@ def collate(
 
 
 def answer_rows(run_dir: Path) -> list[dict[str, Any]]:
-    """The agent answers: synth's manifest line (text, voice) joined with units' line (units)."""
-    answers = {row["id"]: row for row in read_jsonl(run_dir / "synth" / "answers.jsonl", "run the synth stage first")}
-    rows = []
-    for unit_row in read_jsonl(run_dir / "units" / "units.jsonl", "run the units stage first"):
-        answer = answers.get(unit_row["id"])
-        if answer is None:
-            raise EchoXError(f"t2c: units.jsonl names {unit_row['id']!r}, which synth's answers.jsonl lacks")
-        rows.append({**answer, "units": unit_row["units"], "split": unit_row["split"]})
-    return rows
+    """The agent answers: synth's manifest line (text, voice) with the units stage's units."""
+    pairs = answers_with_units(run_dir / "synth", run_dir / "units", "t2c")
+    return [{**answer, "units": units["units"], "split": units["split"]} for answer, units in pairs]
 
 
 def vocabulary_phrases(texts: Sequence[str], repeats: int, words: tuple[int, int], seed: int) -> list[str]:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from echox.audio import read_wav
+from echox.convert.files import listing
 from echox.errors import EchoXError
 from echox.models.speech_encoder import SpeechEncoder
 from echox.units.codec import dedup
@@ -70,6 +71,21 @@ def units_row(row: Mapping[str, Any], frame_units: Sequence[int]) -> dict[str, A
     """One units.jsonl line (the contract): deduplicated units and their durations."""
     units, durations = dedup(frame_units)
     return {"id": row["id"], "fact_id": row["fact_id"], "split": row["split"], "units": units, "durations": durations}
+
+
+def answers_with_units(synth_dir: Path, units_dir: Path, stage: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(synth's answers.jsonl row, units.jsonl row) for every answer, in answers.jsonl order.
+    Both must name the same answers: one the other lacks means one of the two stages is stale."""
+    answers = read_jsonl(synth_dir / ANSWERS_MANIFEST, "run the synth stage first")
+    units = {row["id"]: row for row in read_jsonl(units_dir / UNITS_MANIFEST, "run the units stage first")}
+    answer_ids = {row["id"] for row in answers}
+    if missing := sorted(answer_ids - units.keys()):
+        raise EchoXError(f"{stage}: units.jsonl has no units for the answers {listing(missing)}; "
+                         "rerun the units stage after synth")
+    if unknown := sorted(units.keys() - answer_ids):
+        raise EchoXError(f"{stage}: units.jsonl names answers that synth's answers.jsonl lacks: "
+                         f"{listing(unknown)}; rerun the units stage after synth")
+    return [(row, units[row["id"]]) for row in answers]
 
 
 def fit_extractor(

@@ -47,7 +47,6 @@ from echox.models.vocoder import VocoderConfig
 from echox.models.vocoders import AnyVocoder, AnyVocoderConfig, build_vocoder
 from echox.units.codec import expand
 from training.features import PitchConfig, UnitExtractor, continuous_log_f0, pitch_track
-from training.jsonl import read_jsonl
 from training.stage import (
     MetricsLog,
     StageContext,
@@ -59,6 +58,7 @@ from training.stage import (
     settings_kwargs,
     warmup_cosine,
 )
+from training.stages.units import answers_with_units
 from training.vocoder_losses import Adversary, SpectralLoss, head_loss
 
 PART_NAME = "vocoder"
@@ -166,13 +166,9 @@ class Utterance:
 
 
 def load_utterances(synth_dir: Path, units_dir: Path, hop_length: int) -> list[Utterance]:
-    """Joins units.jsonl with synth's answers.jsonl by id; the audio is cut to the units' frames."""
-    answers = {row["id"]: row for row in read_jsonl(synth_dir / "answers.jsonl", "run the synth stage first")}
+    """Every agent answer with its units; the audio is cut to the units' frames."""
     out = []
-    for row in read_jsonl(units_dir / "units.jsonl", "run the units stage first"):
-        answer = answers.get(row["id"])
-        if answer is None:
-            raise EchoXError(f"vocoder: units.jsonl names {row['id']!r}, which synth's answers.jsonl lacks")
+    for answer, row in answers_with_units(synth_dir, units_dir, "vocoder"):
         frames = sum(row["durations"])
         audio = read_wav(synth_dir / answer["path"])
         if audio.size < frames * hop_length:
