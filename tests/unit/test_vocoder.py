@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -267,8 +268,9 @@ def test_predicted_durations_are_at_least_one() -> None:
 
 
 @pytest.mark.unit
-def test_padded_batch_predicts_like_single_sequences() -> None:
-    model = _model()
+@pytest.mark.parametrize("kernel", [3, 5])  # 5: the tiny recipe's (the padding reaches two units in)
+def test_padded_batch_predicts_like_single_sequences(kernel: int) -> None:
+    model = _model(dataclasses.replace(MICRO, dur_kernel_size=kernel))
     a, b = torch.tensor([1, 5, 9, 2, 7]), torch.tensor([4, 4, 8])
     batch = torch.zeros(2, 5, dtype=torch.long)
     batch[0], batch[1, :3] = a, b
