@@ -102,9 +102,10 @@ def swapped_texts(
     category, never a text the run's T2C trained on (its rendered pieces, the train answers), and
     only where the swap put the other fact's key words in. Deterministic for a seed."""
     from training.judge import has_key_words
+    from training.stages.synth import ANSWERS_MANIFEST
     from training.stages.t2c import PIECES_FILE, swap_words
 
-    trained = {row["text"] for row in read_jsonl(run_dir / "synth" / "answers.jsonl") if row["split"] == "train"}
+    trained = {row["text"] for row in read_jsonl(run_dir / "synth" / ANSWERS_MANIFEST) if row["split"] == "train"}
     trained |= {row["text"] for row in read_jsonl(run_dir / "t2c" / PIECES_FILE, missing_ok=True)}
     by_id = {fact["id"]: fact for fact in facts}
     by_category: dict[str, list[Mapping[str, Any]]] = {}

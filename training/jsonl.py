@@ -15,9 +15,9 @@ def read_jsonl(path: Path, hint: str = "", *, missing_ok: bool = False) -> list[
     """Every row of `path`; blank lines are skipped. A line that is not JSON is an EchoXError
     naming the file; so is a missing file (with `hint`, e.g. which stage writes it), unless
     `missing_ok`: then there are no rows (a cache not written yet)."""
-    if missing_ok and not path.is_file():
-        return []
     if not path.is_file():
+        if missing_ok:
+            return []
         raise EchoXError(f"{path} is missing" + (f" ({hint})" if hint else ""))
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):

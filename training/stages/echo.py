@@ -95,6 +95,7 @@ from training.stage import (
     warmup_cosine,
 )
 from training.stages.s2t import SpokenForward, answer_ce, forward_spoken
+from training.stages.synth import ANSWERS_MANIFEST
 from training.stages.t2c import IGNORE_INDEX, PIECES_FILE, _allowed_argmax, build_sequence, load_text_side
 from training.text_data import Fact, load_facts
 
@@ -473,7 +474,7 @@ def renditions(ctx: StageContext, facts: Mapping[str, Fact], settings: EchoSetti
     them (same seed: the same clips, so its cached states serve), then kept for the chosen facts.
     Dev: `dev_clips` clean dev-voice questions about facts whose recorded answer is held out."""
     synth = ctx.input("synth")
-    rows = read_jsonl(synth / "answers.jsonl", "run the synth stage first")
+    rows = read_jsonl(synth / ANSWERS_MANIFEST, "run the synth stage first")
     answer_split = {row["fact_id"]: row["split"] for row in rows}
     plan = plan_renditions(load_spoken_questions(synth, facts, "train"), settings.clean_per_text,
                            settings.augmented_per_text, ctx.seed)

@@ -42,9 +42,9 @@ from training.features import (
 )
 from training.jsonl import read_jsonl, write_jsonl
 from training.stage import StageContext, settings_kwargs
+from training.stages.synth import ANSWERS_MANIFEST
 
 UNITS_MANIFEST = "units.jsonl"
-ANSWERS_MANIFEST = "answers.jsonl"
 
 
 @dataclasses.dataclass(frozen=True)
