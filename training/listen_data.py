@@ -104,7 +104,9 @@ def load_spoken_questions(
     synth_dir: Path, facts: Mapping[str, Fact], split: str | None = None
 ) -> list[SpokenQuestion]:
     """synth's question clips (one split, or all) joined with their facts."""
-    path = synth_dir / "questions.jsonl"
+    from training.stages.synth import QUESTIONS_MANIFEST  # the stages import this module
+
+    path = synth_dir / QUESTIONS_MANIFEST
     questions = []
     for row in read_jsonl(path, "run the synth stage first"):
         if split is not None and row["split"] != split:

@@ -69,11 +69,12 @@ from training.stage import (
     warmup_cosine,
 )
 from training.stages.lm import epoch_batches, import_folder, import_setting, load_lm_tokenizer, load_weights
+from training.stages.synth import ANSWERS_MANIFEST, QUESTIONS_MANIFEST
 
 PART_NAME = "speech_encoder"
 CHECKPOINT_DIR = "checkpoint"
 IGNORE_INDEX = -100
-MANIFESTS = {"question": "questions.jsonl", "answer": "answers.jsonl"}
+MANIFESTS = {"question": QUESTIONS_MANIFEST, "answer": ANSWERS_MANIFEST}  # synth's, by clip kind
 STATES_PER_SECOND = SAMPLE_RATE // SAMPLES_PER_STATE
 CTC_CHARS = " abcdefghijklmnopqrstuvwxyz0123456789'"  # CTC labels 1.. of normalized text; 0 is blank
 CTC_UNITS = ("chars", "tokens")
