@@ -106,11 +106,8 @@ class FrozenT2C:
         width = max(len(r) for r in rows)
         embeds = torch.stack([F.pad(table[torch.tensor(r, device=device)], (0, 0, width - len(r), 0)) for r in rows])
         mask = torch.stack([torch.arange(width, device=device) >= width - len(r) for r in rows]).long()
-        limits = [min(max(config.min_units, int(config.max_units_per_input * len(r))),
-                      config.max_position_embeddings - len(r)) for r in rows]
-        allowed = torch.full((config.vocab_size,), float("-inf"), device=device)
-        allowed[config.text_vocab_size :] = 0.0
-        allowed[stop] = 0.0
+        limits = [self.decoder.unit_limit(len(r)) for r in rows]
+        allowed = self.decoder.allowed_ids(stop, device)
         logits, cache = self.decoder(embeds, attention_mask=mask, use_cache=True)
         units: list[list[int]] = [[] for _ in rows]
         live = [limit > 0 for limit in limits]

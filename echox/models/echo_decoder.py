@@ -125,6 +125,19 @@ class EchoDecoder(nn.Module):
         )
         return self.lm_head(out.last_hidden_state), out.cache
 
+    def unit_limit(self, prefix_len: int) -> int:
+        """The most unit-language tokens generated after a prefix of `prefix_len` embeddings."""
+        limit = max(self.config.min_units, int(self.config.max_units_per_input * prefix_len))
+        return min(limit, self.config.max_position_embeddings - prefix_len)
+
+    def allowed_ids(self, stop_id: int, device: torch.device) -> torch.Tensor:
+        """0 on the unit ids and the stop id, -inf elsewhere: added to the logits, it keeps the
+        output decodable."""
+        allowed = torch.full((self.config.vocab_size,), float("-inf"), device=device)
+        allowed[self.config.text_vocab_size :] = 0.0
+        allowed[stop_id] = 0.0
+        return allowed
+
     @torch.inference_mode()
     def generate_units(
         self, prefix_embeds: torch.Tensor, text_table: torch.Tensor, stop_id: int
@@ -134,14 +147,10 @@ class EchoDecoder(nn.Module):
         Only unit ids and the stop id can be chosen, so the output is always decodable.
         """
         v_text = self.config.text_vocab_size
-        limit = max(self.config.min_units, int(self.config.max_units_per_input * prefix_embeds.shape[0]))
-        limit = min(limit, self.config.max_position_embeddings - prefix_embeds.shape[0])
-        allowed = torch.full((self.config.vocab_size,), float("-inf"), device=prefix_embeds.device)
-        allowed[v_text:] = 0.0
-        allowed[stop_id] = 0.0
+        allowed = self.allowed_ids(stop_id, prefix_embeds.device)
         logits, cache = self(prefix_embeds.unsqueeze(0), use_cache=True)
         units: list[int] = []
-        for _ in range(limit):
+        for _ in range(self.unit_limit(prefix_embeds.shape[0])):
             next_id = int((logits[0, -1].float() + allowed).argmax())
             if next_id == stop_id:
                 break
