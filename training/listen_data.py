@@ -38,6 +38,7 @@ from echox.tokenizer import TextTokenizer, Turn
 from training.augment import AugmentSettings, augment
 from training.distributed import Parallel
 from training.jsonl import read_jsonl
+from training.stages.synth import QUESTIONS_MANIFEST
 from training.text_data import IGNORE_INDEX, Fact
 
 CLEAN = 0  # rendition number of the unaugmented clip
@@ -104,8 +105,6 @@ def load_spoken_questions(
     synth_dir: Path, facts: Mapping[str, Fact], split: str | None = None
 ) -> list[SpokenQuestion]:
     """synth's question clips (one split, or all) joined with their facts."""
-    from training.stages.synth import QUESTIONS_MANIFEST  # the stages import this module
-
     path = synth_dir / QUESTIONS_MANIFEST
     questions = []
     for row in read_jsonl(path, "run the synth stage first"):
