@@ -130,9 +130,9 @@ class EchoDecoder(nn.Module):
         limit = max(self.config.min_units, int(self.config.max_units_per_input * prefix_len))
         return min(limit, self.config.max_position_embeddings - prefix_len)
 
-    def allowed_ids(self, stop_id: int, device: torch.device) -> torch.Tensor:
-        """0 on the unit ids and the stop id, -inf elsewhere: added to the logits, it keeps the
-        output decodable."""
+    def allowed_ids(self, stop_id: int | torch.Tensor, device: torch.device) -> torch.Tensor:
+        """0 on the unit ids and the stop id (or ids), -inf elsewhere: added to the logits, it
+        keeps the output decodable."""
         allowed = torch.full((self.config.vocab_size,), float("-inf"), device=device)
         allowed[self.config.text_vocab_size :] = 0.0
         allowed[stop_id] = 0.0

@@ -96,7 +96,7 @@ from training.stage import (
 )
 from training.stages.s2t import SpokenForward, answer_ce, forward_spoken
 from training.stages.synth import ANSWERS_MANIFEST
-from training.stages.t2c import IGNORE_INDEX, PIECES_FILE, _allowed_argmax, build_sequence, load_text_side
+from training.stages.t2c import IGNORE_INDEX, PIECES_FILE, allowed_argmax, build_sequence, load_text_side
 from training.text_data import Fact, load_facts
 
 TARGET_MODES = ("echo", "gold")
@@ -206,7 +206,7 @@ def echo_loss(model: EchoXModel, segments: Sequence[EchoSegment], prefix: Sequen
     ce = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX)
     with torch.no_grad():
         keep = flat_labels != IGNORE_INDEX
-        chosen = _allowed_argmax(flat_logits[keep], v_text, flat_labels[keep])
+        chosen = allowed_argmax(decoder, flat_logits[keep], flat_labels[keep])
         correct = int((chosen == flat_labels[keep]).sum())
     return EchoLoss(ce, torch.stack(denoise).mean(), correct, int(keep.sum()))
 

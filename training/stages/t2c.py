@@ -353,7 +353,7 @@ def batch_loss(
     loss = torch.nn.functional.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX)
     with torch.no_grad():
         keep = flat_labels != IGNORE_INDEX
-        chosen = _allowed_argmax(flat_logits[keep], decoder.config.text_vocab_size, flat_labels[keep])
+        chosen = allowed_argmax(decoder, flat_logits[keep], flat_labels[keep])
         correct = int((chosen == flat_labels[keep]).sum())
     return loss, correct, int(keep.sum())
 
@@ -366,13 +366,11 @@ def blank_units(embeds: torch.Tensor, is_unit: torch.Tensor, share: float) -> to
     return embeds.masked_fill(blank.unsqueeze(-1), 0.0)
 
 
-def _allowed_argmax(logits: torch.Tensor, text_vocab_size: int, labels: torch.Tensor) -> torch.Tensor:
-    """Argmax restricted to unit ids and the stop id (the stop id is the one text-id label)."""
-    stop_ids = labels[labels < text_vocab_size].unique()
-    allowed = torch.full((logits.shape[-1],), float("-inf"), device=logits.device)
-    allowed[text_vocab_size:] = 0.0
-    allowed[stop_ids] = 0.0
-    return (logits.float() + allowed).argmax(-1)
+def allowed_argmax(decoder: EchoDecoder, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Argmax restricted to what generation may choose: unit ids and the stop id (the stop id is
+    the one text-id label)."""
+    stop_ids = labels[labels < decoder.config.text_vocab_size].unique()
+    return (logits.float() + decoder.allowed_ids(stop_ids, logits.device)).argmax(-1)
 
 
 @torch.no_grad()
