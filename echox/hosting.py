@@ -1,12 +1,14 @@
 """Loading a model inside a model server (the Triton Python-backend models in deploy/triton):
-which folder, which device, how many threads, and reading DLPack tensors. Server-agnostic: it
-imports no server library, it only reads the model parameters the server hands over."""
+which folder, which device, how many threads, reading request inputs through DLPack, and serving
+a batch of requests where a bad one is refused alone. Server-agnostic: it imports no server
+library; the server's own functions (tensor lookup, error responses) are passed in."""
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -14,7 +16,13 @@ import torch
 from torch.utils.dlpack import from_dlpack
 
 from echox.checkpoint import EchoX
+from echox.errors import EchoXError
 from echox.paths import resolve_model_dir
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+# What a bad request raises: its client is told why and the instance goes on serving.
+REQUEST_ERRORS = (EchoXError, ValueError, RuntimeError)
 
 
 class DLPackTensor(Protocol):
@@ -41,6 +49,37 @@ def load_hosted_model(params: dict[str, str]) -> EchoX:
         torch.set_num_threads(threads)
     use_gpu = torch.cuda.is_available() and os.environ.get("ECHOX_TRITON_DEVICE", "auto") != "cpu"
     return EchoX.from_pretrained(resolve_model_dir(folder), device="cuda" if use_gpu else "cpu")
+
+
+def load_instance_model(args: Mapping[str, Any]) -> EchoX:
+    """The model of a Python-backend instance, from the `args` its `initialize` gets."""
+    return load_hosted_model(model_parameters(args["model_config"]))
+
+
+def read_input(
+    get_tensor: Callable[[Any, str], DLPackTensor | None], request: Any, name: str
+) -> npt.NDArray[Any] | None:
+    """Input `name` of `request` as numpy, None when the request has none; `get_tensor` is the
+    server's lookup (Triton: `pb_utils.get_input_tensor_by_name`)."""
+    tensor = get_tensor(request, name)
+    return None if tensor is None else dlpack_to_numpy(tensor)
+
+
+def serve_each(
+    requests: Iterable[Request],
+    serve: Callable[[Request], Response],
+    refuse: Callable[[Request, str], Response],
+    model: str,
+) -> list[Response]:
+    """`serve` for each request of a batch, in order; a request it rejects (REQUEST_ERRORS) gets
+    `refuse(request, "<model>: <why>")` instead, and the others are served all the same."""
+    responses = []
+    for request in requests:
+        try:
+            responses.append(serve(request))
+        except REQUEST_ERRORS as exc:
+            responses.append(refuse(request, f"{model}: {exc}"))
+    return responses
 
 
 def dlpack_to_numpy(tensor: DLPackTensor) -> npt.NDArray[Any]:

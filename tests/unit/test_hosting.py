@@ -10,7 +10,15 @@ import pytest
 import torch
 from torch.utils.dlpack import to_dlpack
 
-from echox.hosting import dlpack_to_numpy, load_hosted_model, model_parameters
+from echox.errors import EchoXError
+from echox.hosting import (
+    dlpack_to_numpy,
+    load_hosted_model,
+    load_instance_model,
+    model_parameters,
+    read_input,
+    serve_each,
+)
 
 
 class ServerTensor:
@@ -38,3 +46,45 @@ def test_the_model_dir_parameter_wins_over_the_environment(micro_model_dir: Path
 def test_dlpack_tensors_read_as_numpy() -> None:
     values = torch.arange(6, dtype=torch.float32).reshape(2, 3)
     assert np.array_equal(dlpack_to_numpy(ServerTensor(values)), values.numpy())
+
+
+def test_an_input_is_read_through_the_servers_lookup() -> None:
+    inputs = {"UNITS": ServerTensor(torch.tensor([3, 1, 2]))}
+
+    def lookup(request: object, name: str) -> ServerTensor | None:
+        return inputs.get(name) if request == "request" else None
+
+    units = read_input(lookup, "request", "UNITS")
+    assert units is not None and units.tolist() == [3, 1, 2]
+    assert read_input(lookup, "request", "HIDDEN") is None
+
+
+def test_a_bad_request_is_refused_alone_and_the_batch_goes_on() -> None:
+    def serve(request: int) -> str:
+        if request == 2:
+            raise ValueError("UNITS is missing")
+        if request == 3:
+            raise EchoXError("audio too long")
+        return f"served {request}"
+
+    def refuse(request: int, message: str) -> str:
+        return f"refused {request}: {message}"
+
+    assert serve_each([1, 2, 3, 4], serve, refuse, "vocoder") == [
+        "served 1", "refused 2: vocoder: UNITS is missing", "refused 3: vocoder: audio too long", "served 4"]
+
+
+def test_a_failure_that_is_not_the_requests_fault_is_not_swallowed() -> None:
+    def serve(request: int) -> str:
+        raise KeyError("a bug")
+
+    with pytest.raises(KeyError):
+        serve_each([1], serve, lambda request, message: message, "vocoder")
+
+
+def test_the_instance_model_comes_from_the_initialize_args(micro_model_dir: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ECHOX_TRITON_DEVICE", "cpu")
+    config = json.dumps({"parameters": {"model_dir": {"string_value": str(micro_model_dir)}}})
+    model = load_instance_model({"model_config": config, "model_name": "vocoder"})
+    assert model.config == load_hosted_model({"model_dir": str(micro_model_dir)}).config

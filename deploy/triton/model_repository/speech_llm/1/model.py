@@ -11,6 +11,7 @@ ECHOX_MODEL_DIR environment variable, else the committed default model.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from typing import Any
@@ -19,30 +20,22 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from echox import hosting
 from echox.audio import SAMPLE_RATE, prepare_audio
-from echox.checkpoint import EchoX
 from echox.errors import EchoXError
 from echox.events import TextDeltaEvent, TranscriptEvent
-from echox.hosting import dlpack_to_numpy, load_hosted_model, model_parameters
 from echox.streaming.stages import AnswerEnd, HiddenSegment, SpeechLLMOutput, SpeechLLMStage
 from echox.tokenizer import Turn
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
-def load_echox(args: dict[str, Any]) -> EchoX:
-    """The model named by the model config (see echox.hosting.load_hosted_model)."""
-    return load_hosted_model(model_parameters(args["model_config"]))
-
-
-def read_input(request: Any, name: str) -> np.ndarray | None:
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else dlpack_to_numpy(tensor)
+read_input = functools.partial(hosting.read_input, pb_utils.get_input_tensor_by_name)
 
 
 def _out(name: str, value: torch.Tensor) -> pb_utils.Tensor:
     """An output tensor, handed over through DLPack (the stub's numpy path is broken under
-    numpy 2, see read_input); strings travel as their UTF-8 bytes (UINT8)."""
+    numpy 2, see echox.hosting.dlpack_to_numpy); strings travel as their UTF-8 bytes (UINT8)."""
     return pb_utils.Tensor.from_dlpack(name, value.detach().cpu().contiguous())
 
 
@@ -86,16 +79,12 @@ def parse_history(request: Any) -> tuple[Turn, ...]:
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
-        self.stage = SpeechLLMStage(load_echox(args))
+        self.stage = SpeechLLMStage(hosting.load_instance_model(args))
         self.logger = pb_utils.Logger
 
     def execute(self, requests: list[Any]) -> None:
-        for request in requests:
-            sender = request.get_response_sender()
-            try:
-                self._serve(request, sender)
-            except (EchoXError, ValueError, RuntimeError) as exc:
-                self._send(sender, pb_utils.InferenceResponse(error=pb_utils.TritonError(f"speech_llm: {exc}")), FINAL)
+        hosting.serve_each([(request, request.get_response_sender()) for request in requests],
+                           lambda pair: self._serve(*pair), self._refuse, "speech_llm")
         return None
 
     def _serve(self, request: Any, sender: Any) -> None:
@@ -115,6 +104,9 @@ class TritonPythonModel:
                 cancel.set()  # the stage ends with AnswerEnd(cancelled=True) at its next step
                 continue
             self._send(sender, pb_utils.InferenceResponse(output_tensors=to_tensors(item)), 0)
+
+    def _refuse(self, pair: tuple[Any, Any], message: str) -> None:
+        self._send(pair[1], pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), FINAL)
 
     def _send(self, sender: Any, response: Any, flags: int) -> None:
         try:

@@ -10,42 +10,32 @@ ECHOX_MODEL_DIR environment variable, else the committed default model.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from echox.checkpoint import EchoX
-from echox.errors import EchoXError
-from echox.hosting import dlpack_to_numpy, load_hosted_model, model_parameters
+from echox import hosting
 from echox.streaming.stages import UnitSegment, VocoderStage
 
-
-def load_echox(args: dict[str, Any]) -> EchoX:
-    """The model named by the model config (see echox.hosting.load_hosted_model)."""
-    return load_hosted_model(model_parameters(args["model_config"]))
+read_input = functools.partial(hosting.read_input, pb_utils.get_input_tensor_by_name)
 
 
-def read_input(request: Any, name: str) -> np.ndarray | None:
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else dlpack_to_numpy(tensor)
+def refuse(request: Any, message: str) -> Any:
+    """The error response to a request the model could not serve."""
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
-        echox = load_echox(args)
+        echox = hosting.load_instance_model(args)
         self.stage = VocoderStage(echox)
         self.num_units = echox.config.vocoder.num_units
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        responses = []
-        for request in requests:  # the dynamic batch: one synthesis per request
-            try:
-                responses.append(self._synthesize(request))
-            except (EchoXError, ValueError, RuntimeError) as exc:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"vocoder: {exc}")))
-        return responses
+        return hosting.serve_each(requests, self._synthesize, refuse, "vocoder")
 
     def _synthesize(self, request: Any) -> Any:
         units = read_input(request, "UNITS")
