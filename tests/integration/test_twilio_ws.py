@@ -5,10 +5,10 @@ marks as it "plays" them, and interrupts a later answer by speaking: the server 
 and answers the interruption.
 
 The default model is trained with phone-band augmentation (8 kHz G.711 μ-law round trips), so
-over μ-law it answers "What is the capital of France?" right although its transcript is rough
-("What is the capital of Iiarance" in three runs out of three): the test checks the answer text in
-the session's transcript (from the control plane) and that the judge (evaluation only) hears
-"paris" in the μ-law audio the caller received.
+over μ-law it answers "What is the capital of France?" right, though a transcript heard over the
+phone band can be rough (the previous default model's: "What is the capital of Iiarance"): the
+test checks the answer text in the session's transcript (from the control plane) and that the
+judge (evaluation only) hears "paris" in the μ-law audio the caller received.
 """
 
 from __future__ import annotations
