@@ -11,7 +11,6 @@ ECHOX_MODEL_DIR environment variable, else the committed default model.
 
 from __future__ import annotations
 
-import functools
 import json
 import threading
 from typing import Any
@@ -30,7 +29,9 @@ from echox.tokenizer import Turn
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
-read_input = functools.partial(hosting.read_input, pb_utils.get_input_tensor_by_name)
+def read_input(request: Any, name: str) -> np.ndarray | None:
+    """Input `name` of a request as numpy (None when absent), through echox.hosting."""
+    return hosting.read_input(pb_utils.get_input_tensor_by_name, request, name)
 
 
 def _out(name: str, value: torch.Tensor) -> pb_utils.Tensor:

@@ -9,7 +9,6 @@ ECHOX_MODEL_DIR environment variable, else the committed default model.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import numpy as np
@@ -19,7 +18,10 @@ import triton_python_backend_utils as pb_utils
 from echox import hosting
 from echox.streaming.stages import HiddenSegment, UnitStage
 
-read_input = functools.partial(hosting.read_input, pb_utils.get_input_tensor_by_name)
+
+def read_input(request: Any, name: str) -> np.ndarray | None:
+    """Input `name` of a request as numpy (None when absent), through echox.hosting."""
+    return hosting.read_input(pb_utils.get_input_tensor_by_name, request, name)
 
 
 def refuse(request: Any, message: str) -> Any:
