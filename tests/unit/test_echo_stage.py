@@ -265,6 +265,17 @@ def test_a_frozen_decoder_stays_as_stage_two_left_it_while_the_aligner_learns(ru
         assert module_moved(start, trained, name) == should_change, name
 
 
+@pytest.mark.parametrize("which", ["train", "all"])
+def test_facts_all_also_trains_on_the_questions_whose_recorded_answer_is_held_out(run_dir: Path, which: str) -> None:
+    ctx = context(run_dir, "echo", SMOKE)
+    facts = {fact.id: fact for fact in load_facts(ctx.facts)}
+    train, dev = echo.renditions(ctx, facts, echo.EchoSettings.from_mapping({**SMOKE, "facts": which}))
+    trained_facts = {r.question.fact_id for r in train}
+    assert (DEV_FACT in trained_facts) == (which == "all") and len(trained_facts) >= 2
+    assert dev and {r.question.fact_id for r in dev} == {DEV_FACT}  # dev: held-out answers, dev voices, either way
+    assert all(r.question.voice not in {d.question.voice for d in dev} for r in train)
+
+
 @pytest.mark.parametrize("same_encoder", [True, False])
 def test_the_s2t_stage_cached_states_are_reused_when_its_encoder_is_this_one(
     run_dir: Path, monkeypatch: pytest.MonkeyPatch, same_encoder: bool
