@@ -65,6 +65,27 @@ def read_input(
     return None if tensor is None else dlpack_to_numpy(tensor)
 
 
+class PythonBackendIO:
+    """Request inputs and error responses of a Triton Python-backend model, through the
+    `triton_python_backend_utils` module the model passes in (this library imports no server
+    library). Attributes are looked up at call time, so a stand-in module serves tests."""
+
+    def __init__(self, backend_utils: Any) -> None:
+        self.utils = backend_utils
+
+    def read_input(self, request: Any, name: str) -> npt.NDArray[Any] | None:
+        """Input `name` of a request as numpy, None when the request has none."""
+        return read_input(self.utils.get_input_tensor_by_name, request, name)
+
+    def error_response(self, message: str) -> Any:
+        """The response that tells a client why its request was not served."""
+        return self.utils.InferenceResponse(error=self.utils.TritonError(message))
+
+    def refuse(self, request: Any, message: str) -> Any:
+        """`serve_each`'s refusal for a unary model: the error response."""
+        return self.error_response(message)
+
+
 def serve_each(
     requests: Iterable[Request],
     serve: Callable[[Request], Response],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from torch.utils.dlpack import to_dlpack
 
 from echox.errors import EchoXError
 from echox.hosting import (
+    PythonBackendIO,
     dlpack_to_numpy,
     load_hosted_model,
     load_instance_model,
@@ -57,6 +59,37 @@ def test_an_input_is_read_through_the_servers_lookup() -> None:
     units = read_input(lookup, "request", "UNITS")
     assert units is not None and units.tolist() == [3, 1, 2]
     assert read_input(lookup, "request", "HIDDEN") is None
+
+
+def test_a_python_backend_reads_inputs_and_refuses_through_the_module_it_passes_in() -> None:
+    class TritonError:
+        def __init__(self, message: str) -> None:
+            self.message = message
+
+    class InferenceResponse:
+        def __init__(self, error: TritonError) -> None:
+            self.error = error
+
+    inputs = {("request", "UNITS"): ServerTensor(torch.tensor([5, 4]))}
+    utils = types.SimpleNamespace(
+        get_input_tensor_by_name=lambda request, name: inputs.get((request, name)),
+        InferenceResponse=InferenceResponse,
+        TritonError=TritonError,
+    )
+    assert PythonBackendIO(types.ModuleType("triton_python_backend_utils")) is not None  # looked up later
+    server = PythonBackendIO(utils)
+    units = server.read_input("request", "UNITS")
+    assert units is not None and units.tolist() == [5, 4]
+    assert server.read_input("request", "AUDIO") is None
+
+    def serve(request: str) -> object:
+        if server.read_input(request, "AUDIO") is None:
+            raise ValueError("AUDIO is missing")
+        return "served"
+
+    [response] = serve_each(["request"], serve, server.refuse, "speech_llm")
+    assert isinstance(response, InferenceResponse)
+    assert response.error.message == "speech_llm: AUDIO is missing"
 
 
 def test_a_bad_request_is_refused_alone_and_the_batch_goes_on() -> None:

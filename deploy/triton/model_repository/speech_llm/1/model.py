@@ -29,9 +29,7 @@ from echox.tokenizer import Turn
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
-def read_input(request: Any, name: str) -> np.ndarray | None:
-    """Input `name` of a request as numpy (None when absent), through echox.hosting."""
-    return hosting.read_input(pb_utils.get_input_tensor_by_name, request, name)
+SERVER = hosting.PythonBackendIO(pb_utils)  # inputs and error responses
 
 
 def _out(name: str, value: torch.Tensor) -> pb_utils.Tensor:
@@ -67,7 +65,7 @@ def to_tensors(item: SpeechLLMOutput) -> list[pb_utils.Tensor]:
 def parse_history(request: Any) -> tuple[Turn, ...]:
     """HISTORY: the UTF-8 bytes of a JSON list of {"user", "assistant"} objects (UINT8, since the
     stub garbles BYTES inputs under numpy 2)."""
-    tensor = read_input(request, "HISTORY")
+    tensor = SERVER.read_input(request, "HISTORY")
     raw = b"" if tensor is None else tensor.astype(np.uint8).tobytes()
     if not raw:
         return ()
@@ -89,7 +87,7 @@ class TritonPythonModel:
         return None
 
     def _serve(self, request: Any, sender: Any) -> None:
-        audio = read_input(request, "AUDIO")
+        audio = SERVER.read_input(request, "AUDIO")
         if audio is None:
             raise EchoXError("AUDIO is missing")
         audio = prepare_audio(audio.reshape(-1), SAMPLE_RATE, max_seconds=self.stage.max_audio_seconds)
@@ -107,7 +105,7 @@ class TritonPythonModel:
             self._send(sender, pb_utils.InferenceResponse(output_tensors=to_tensors(item)), 0)
 
     def _refuse(self, pair: tuple[Any, Any], message: str) -> None:
-        self._send(pair[1], pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), FINAL)
+        self._send(pair[1], SERVER.error_response(message), FINAL)
 
     def _send(self, sender: Any, response: Any, flags: int) -> None:
         try:

@@ -18,15 +18,7 @@ import triton_python_backend_utils as pb_utils
 from echox import hosting
 from echox.streaming.stages import HiddenSegment, UnitStage
 
-
-def read_input(request: Any, name: str) -> np.ndarray | None:
-    """Input `name` of a request as numpy (None when absent), through echox.hosting."""
-    return hosting.read_input(pb_utils.get_input_tensor_by_name, request, name)
-
-
-def refuse(request: Any, message: str) -> Any:
-    """The error response to a request the model could not serve."""
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+SERVER = hosting.PythonBackendIO(pb_utils)  # inputs and error responses
 
 
 class TritonPythonModel:
@@ -36,10 +28,10 @@ class TritonPythonModel:
         self.hidden_size = echox.config.llm.hidden_size
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        return hosting.serve_each(requests, self._generate, refuse, "unit_generator")
+        return hosting.serve_each(requests, self._generate, SERVER.refuse, "unit_generator")
 
     def _hidden(self, request: Any) -> torch.Tensor:
-        given = [t for t in (read_input(request, "HIDDEN"), read_input(request, "HIDDEN_FP16")) if t is not None]
+        given = [t for t in (SERVER.read_input(request, name) for name in ("HIDDEN", "HIDDEN_FP16")) if t is not None]
         if len(given) != 1:
             raise ValueError("send exactly one of HIDDEN (fp32) or HIDDEN_FP16, shaped [n, hidden size]")
         hidden = given[0]
@@ -51,7 +43,7 @@ class TritonPythonModel:
 
     def _generate(self, request: Any) -> Any:
         hidden = self._hidden(request)
-        ids = read_input(request, "TOKEN_IDS")
+        ids = SERVER.read_input(request, "TOKEN_IDS")
         token_ids = tuple(int(i) for i in ids.reshape(-1)) if ids is not None else ()
         if token_ids and len(token_ids) != hidden.shape[0]:
             raise ValueError(f"{len(token_ids)} TOKEN_IDS for {hidden.shape[0]} hidden states")

@@ -19,15 +19,7 @@ import triton_python_backend_utils as pb_utils
 from echox import hosting
 from echox.streaming.stages import UnitSegment, VocoderStage
 
-
-def read_input(request: Any, name: str) -> np.ndarray | None:
-    """Input `name` of a request as numpy (None when absent), through echox.hosting."""
-    return hosting.read_input(pb_utils.get_input_tensor_by_name, request, name)
-
-
-def refuse(request: Any, message: str) -> Any:
-    """The error response to a request the model could not serve."""
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+SERVER = hosting.PythonBackendIO(pb_utils)  # inputs and error responses
 
 
 class TritonPythonModel:
@@ -37,10 +29,10 @@ class TritonPythonModel:
         self.num_units = echox.config.vocoder.num_units
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        return hosting.serve_each(requests, self._synthesize, refuse, "vocoder")
+        return hosting.serve_each(requests, self._synthesize, SERVER.refuse, "vocoder")
 
     def _synthesize(self, request: Any) -> Any:
-        units = read_input(request, "UNITS")
+        units = SERVER.read_input(request, "UNITS")
         if units is None:
             raise ValueError("UNITS is missing")
         units = units.reshape(-1)
