@@ -82,7 +82,10 @@ def load_answers(run_dir: Path, split: str, facts: Mapping[str, Mapping[str, Any
         if row["split"] == split
     ]
     if not answers:
-        raise EchoXError(f"eval: no {split!r} answers in {run_dir / 'synth'}")
+        raise EchoXError(
+            f"eval: no {split!r} answers in {run_dir / 'synth'}: the run holds no answer out (synth's "
+            "answer_dev_share 0); judge the speaking half on a run that does"
+        )
     return answers
 
 

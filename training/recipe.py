@@ -43,12 +43,7 @@ def load_recipe(name_or_path: str, data_root: Path) -> Recipe:
     if not path.is_file():
         known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
         raise RecipeError(f"no recipe {name_or_path!r} (known: {', '.join(known)})")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping")
+    raw = read_recipe(path)
     root = data_root.resolve()
     facts = (root / str(raw.get("facts", "spoken_qa"))).resolve()
     if not facts.is_relative_to(root):
@@ -69,3 +64,31 @@ def load_recipe(name_or_path: str, data_root: Path) -> Recipe:
         source=path,
         distributed=dict(raw["distributed"] or {}) if "distributed" in raw else None,
     )
+
+
+def read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The recipe's mapping. `extends: NAME` starts from that recipe of training/recipes (a name,
+    never a path): its keys are replaced, its stage settings merged stage by stage, so one recipe
+    states the settings and a variant only its change."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping")
+    if "extends" not in raw:
+        return raw
+    name = str(raw.pop("extends"))
+    if Path(name).name != name or name.endswith((".yaml", ".yml")):  # a name: never a file elsewhere
+        raise RecipeError(f"{path}: extends {name!r}; name a recipe in training/recipes instead")
+    base_path = resolve_recipe_path(name)
+    if base_path.resolve() in seen or base_path.resolve() == path.resolve():
+        raise RecipeError(f"{path}: recipes extend each other in a circle")
+    if not base_path.is_file():
+        raise RecipeError(f"{path}: extends {base_path}, which does not exist")
+    base = read_recipe(base_path, (*seen, path.resolve()))
+    settings = {str(k): dict(v or {}) for k, v in (base.get("settings") or {}).items()}
+    for stage, values in (raw.pop("settings", None) or {}).items():
+        settings[str(stage)] = {**settings.get(str(stage), {}), **(values or {})}
+    inherited = {k: v for k, v in base.items() if k != "name"}  # a variant is named by its own file
+    return {**inherited, **raw, "settings": settings}

@@ -31,9 +31,11 @@ from training.echo_targets import (
     predicting_states,
     sentence_spans,
 )
+from training.jsonl import read_jsonl, write_jsonl
 from training.listen_data import Rendition, encode_renditions
 from training.stage import DONE_FILE, StageCancelled, StageContext, run_stage
 from training.stages import echo
+from training.stages.synth import ANSWERS_MANIFEST
 from training.stages.t2c import load_text_side, split_sentences
 from training.text_data import load_facts
 
@@ -273,6 +275,18 @@ def test_facts_all_also_trains_on_the_questions_whose_recorded_answer_is_held_ou
     trained_facts = {r.question.fact_id for r in train}
     assert (DEV_FACT in trained_facts) == (which == "all") and len(trained_facts) >= 2
     assert dev and {r.question.fact_id for r in dev} == {DEV_FACT}  # dev: held-out answers, dev voices, either way
+    assert all(r.question.voice not in {d.question.voice for d in dev} for r in train)
+
+
+def test_a_run_that_holds_no_answer_out_monitors_on_dev_voice_questions_about_any_fact(run_dir: Path) -> None:
+    manifest = run_dir / "synth" / ANSWERS_MANIFEST
+    rows = [{**row, "split": "train"} for row in read_jsonl(manifest)]  # as synth writes at answer_dev_share 0
+    write_jsonl(manifest, rows)
+    ctx = context(run_dir, "echo", {**SMOKE, "dev_clips": 50})
+    facts = {fact.id: fact for fact in load_facts(ctx.facts)}
+    train, dev = echo.renditions(ctx, facts, echo.EchoSettings.from_mapping({**SMOKE, "dev_clips": 50}))
+    assert DEV_FACT in {r.question.fact_id for r in train}
+    assert len({r.question.fact_id for r in dev}) >= 2
     assert all(r.question.voice not in {d.question.voice for d in dev} for r in train)
 
 

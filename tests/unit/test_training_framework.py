@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from echox.errors import EchoXError
+from training import recipe as recipe_module
 from training.jsonl import read_jsonl, write_jsonl
 from training.recipe import RecipeError, load_recipe
 from training.stage import (
@@ -134,6 +135,30 @@ def test_metrics_log_writes_json_and_plot_and_appends(tmp_path: Path) -> None:
 def test_tiny_recipe_loads() -> None:
     recipe = load_recipe("tiny", DATA_ROOT)
     assert recipe.stages[:2] == ("synth", "lm") and recipe.facts == (DATA_ROOT / "spoken_qa").resolve()
+    every_answer = load_recipe("tiny-all", DATA_ROOT)  # tiny, with no answer held out of the speaking half
+    assert every_answer.stages == recipe.stages and every_answer.stage_settings("synth")["answer_dev_share"] == 0
+    assert recipe.stage_settings("synth")["answer_dev_share"] > 0
+
+
+def test_a_recipe_extends_another_and_states_only_its_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny = load_recipe("tiny", DATA_ROOT)
+    variant = tmp_path / "held.yaml"
+    variant.write_text("extends: tiny\nstages: [synth, lm]\nsettings:\n  synth: {answer_dev_share: 0.3}\n"
+                       "  extra: {steps: 3}\n")
+    recipe = load_recipe(str(variant), DATA_ROOT)
+    assert recipe.name == "held" and recipe.stages == ("synth", "lm") and recipe.seed == tiny.seed
+    assert recipe.stage_settings("synth") == {**tiny.stage_settings("synth"), "answer_dev_share": 0.3}
+    assert recipe.stage_settings("t2c") == tiny.stage_settings("t2c") and recipe.stage_settings("extra") == {"steps": 3}
+    refused = ((str(variant), "name a recipe"), ("../tiny", "name a recipe"), ("nowhere", "does not exist"))
+    for target, reason in refused:
+        (tmp_path / "bad.yaml").write_text(f"extends: {target}\n")
+        with pytest.raises(RecipeError, match=reason):
+            load_recipe(str(tmp_path / "bad.yaml"), DATA_ROOT)
+    monkeypatch.setattr(recipe_module, "RECIPES_DIR", tmp_path)
+    (tmp_path / "a.yaml").write_text("extends: b\n")
+    (tmp_path / "b.yaml").write_text("extends: a\n")
+    with pytest.raises(RecipeError, match="circle"):
+        load_recipe("a", DATA_ROOT)
 
 
 def test_recipe_data_outside_the_data_root_is_refused(tmp_path: Path) -> None:

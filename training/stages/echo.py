@@ -472,14 +472,16 @@ def renditions(ctx: StageContext, facts: Mapping[str, Fact], settings: EchoSetti
                ) -> tuple[list[Rendition], list[Rendition]]:
     """(train, dev) renditions. Train: planned over ALL train-voice clips as the s2t stage plans
     them (same seed: the same clips, so its cached states serve), then kept for the chosen facts.
-    Dev: `dev_clips` clean dev-voice questions about facts whose recorded answer is held out."""
+    Dev: `dev_clips` clean dev-voice questions about facts whose recorded answer is held out
+    (about any fact when the run holds no answer out: synth's answer_dev_share 0)."""
     synth = ctx.input("synth")
     rows = read_jsonl(synth / ANSWERS_MANIFEST, "run the synth stage first")
     answer_split = {row["fact_id"]: row["split"] for row in rows}
     plan = plan_renditions(load_spoken_questions(synth, facts, "train"), settings.clean_per_text,
                            settings.augmented_per_text, ctx.seed)
     train = [r for r in plan if settings.facts == "all" or answer_split.get(r.question.fact_id) == "train"]
-    dev = [q for q in load_spoken_questions(synth, facts, "dev") if answer_split.get(q.fact_id) == "dev"]
+    held_out = {fact_id for fact_id, split in answer_split.items() if split == "dev"}
+    dev = [q for q in load_spoken_questions(synth, facts, "dev") if not held_out or q.fact_id in held_out]
     if not train:
         raise ConfigError(f"stage {ctx.stage}: no training questions in {synth}")
     return train, [Rendition(clip) for clip in sample_clips(dev, settings.dev_clips, ctx.seed + 1)]

@@ -209,5 +209,8 @@ def run_train_language_cli(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     codec.save(args.out / "unit_language.json")
     print(json.dumps(figures, indent=2))
-    print(f"compression on held-out (dev) answers: {figures['dev_compression']:.3f} units per token")
+    if figures["dev_compression"] is None:
+        print("no held-out (dev) answers in these units: compression measured on the train answers only")
+    else:
+        print(f"compression on held-out (dev) answers: {figures['dev_compression']:.3f} units per token")
     return 0
