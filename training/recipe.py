@@ -81,12 +81,12 @@ def read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     name = str(raw.pop("extends"))
     if Path(name).name != name or name.endswith((".yaml", ".yml")):  # a name: never a file elsewhere
         raise RecipeError(f"{path}: extends {name!r}; name a recipe in training/recipes instead")
-    base_path = resolve_recipe_path(name)
-    if base_path.resolve() in seen or base_path.resolve() == path.resolve():
+    base_path, chain = resolve_recipe_path(name), (*seen, path.resolve())
+    if base_path.resolve() in chain:
         raise RecipeError(f"{path}: recipes extend each other in a circle")
     if not base_path.is_file():
         raise RecipeError(f"{path}: extends {base_path}, which does not exist")
-    base = read_recipe(base_path, (*seen, path.resolve()))
+    base = read_recipe(base_path, chain)
     settings = {str(k): dict(v or {}) for k, v in (base.get("settings") or {}).items()}
     for stage, values in (raw.pop("settings", None) or {}).items():
         settings[str(stage)] = {**settings.get(str(stage), {}), **(values or {})}

@@ -282,9 +282,10 @@ def test_a_run_that_holds_no_answer_out_monitors_on_dev_voice_questions_about_an
     manifest = run_dir / "synth" / ANSWERS_MANIFEST
     rows = [{**row, "split": "train"} for row in read_jsonl(manifest)]  # as synth writes at answer_dev_share 0
     write_jsonl(manifest, rows)
-    ctx = context(run_dir, "echo", {**SMOKE, "dev_clips": 50})
+    settings = {**SMOKE, "dev_clips": 50}
+    ctx = context(run_dir, "echo", settings)
     facts = {fact.id: fact for fact in load_facts(ctx.facts)}
-    train, dev = echo.renditions(ctx, facts, echo.EchoSettings.from_mapping({**SMOKE, "dev_clips": 50}))
+    train, dev = echo.renditions(ctx, facts, echo.EchoSettings.from_mapping(settings))
     assert DEV_FACT in {r.question.fact_id for r in train}
     assert len({r.question.fact_id for r in dev}) >= 2
     assert all(r.question.voice not in {d.question.voice for d in dev} for r in train)
