@@ -37,12 +37,18 @@ def resolve_recipe_path(name_or_path: str) -> Path:
     return RECIPES_DIR / f"{name_or_path}.yaml"
 
 
-def load_recipe(name_or_path: str, data_root: Path) -> Recipe:
-    """Reads a recipe; its data must lie under `data_root` (no reading arbitrary paths)."""
+def find_recipe(name_or_path: str) -> Path:
+    """The recipe file for a name of training/recipes or a YAML path; a clear error if none."""
     path = resolve_recipe_path(name_or_path)
     if not path.is_file():
         known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
         raise RecipeError(f"no recipe {name_or_path!r} (known: {', '.join(known)})")
+    return path
+
+
+def load_recipe(name_or_path: str, data_root: Path) -> Recipe:
+    """Reads a recipe; its data must lie under `data_root` (no reading arbitrary paths)."""
+    path = find_recipe(name_or_path)
     raw = read_recipe(path)
     root = data_root.resolve()
     facts = (root / str(raw.get("facts", "spoken_qa"))).resolve()
@@ -81,11 +87,13 @@ def read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     name = str(raw.pop("extends"))
     if Path(name).name != name or name.endswith((".yaml", ".yml")):  # a name: never a file elsewhere
         raise RecipeError(f"{path}: extends {name!r}; name a recipe in training/recipes instead")
-    base_path, chain = resolve_recipe_path(name), (*seen, path.resolve())
+    try:
+        base_path = find_recipe(name)
+    except RecipeError as exc:
+        raise RecipeError(f"{path}: extends {name!r}, but {exc}") from None
+    chain = (*seen, path.resolve())
     if base_path.resolve() in chain:
         raise RecipeError(f"{path}: recipes extend each other in a circle")
-    if not base_path.is_file():
-        raise RecipeError(f"{path}: extends {base_path}, which does not exist")
     base = read_recipe(base_path, chain)
     settings = {str(k): dict(v or {}) for k, v in (base.get("settings") or {}).items()}
     for stage, values in (raw.pop("settings", None) or {}).items():

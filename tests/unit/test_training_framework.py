@@ -149,7 +149,7 @@ def test_a_recipe_extends_another_and_states_only_its_change(tmp_path: Path, mon
     assert recipe.name == "held" and recipe.stages == ("synth", "lm") and recipe.seed == tiny.seed
     assert recipe.stage_settings("synth") == {**tiny.stage_settings("synth"), "answer_dev_share": 0.3}
     assert recipe.stage_settings("t2c") == tiny.stage_settings("t2c") and recipe.stage_settings("extra") == {"steps": 3}
-    refused = ((str(variant), "name a recipe"), ("../tiny", "name a recipe"), ("nowhere", "does not exist"))
+    refused = ((str(variant), "name a recipe"), ("../tiny", "name a recipe"), ("nowhere", "but no recipe 'nowhere'"))
     for target, reason in refused:
         (tmp_path / "bad.yaml").write_text(f"extends: {target}\n")
         with pytest.raises(RecipeError, match=reason):
