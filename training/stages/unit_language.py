@@ -62,6 +62,14 @@ def train_unit_language(
     return codec, figures
 
 
+def compression_summary(figures: Mapping[str, Any]) -> str:
+    """One line on the held-out compression of `train_unit_language`'s figures (none without dev answers)."""
+    if figures["dev_compression"] is None:
+        train = figures["train_compression"]
+        return f"no held-out (dev) answers, so no held-out compression ratio (train answers: {train:.3f})"
+    return f"compression on held-out (dev) answers: {figures['dev_compression']:.3f} units per token"
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
     """The `unit_language` stage; settings: see UnitLanguageSettings."""
     settings = UnitLanguageSettings.from_mapping(ctx.settings)
@@ -73,10 +81,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     codec, figures = train_unit_language(rows, num_units, settings.vocab_size)
     codec.save(ctx.out / CODEC_FILE)
     ctx.reporter.advance(1)
-    if figures["dev_compression"] is None:
-        ctx.reporter.log("unit_language: no dev answers, so no held-out compression ratio")
-    else:
-        ctx.reporter.log(f"unit_language: {figures['dev_compression']:.2f} dev units per token")
+    ctx.reporter.log(f"unit_language: {compression_summary(figures)}")
     metrics = MetricsLog(ctx.out)
     metrics.set(**figures)
     metrics.save()

@@ -196,7 +196,7 @@ def run_extract_cli(args: argparse.Namespace) -> int:
 
 
 def run_train_language_cli(args: argparse.Namespace) -> int:
-    from training.stages.unit_language import train_unit_language
+    from training.stages.unit_language import compression_summary, train_unit_language
 
     rows = read_jsonl(args.units)
     num_units = args.num_units
@@ -209,8 +209,5 @@ def run_train_language_cli(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     codec.save(args.out / "unit_language.json")
     print(json.dumps(figures, indent=2))
-    if figures["dev_compression"] is None:
-        print("no held-out (dev) answers in these units: compression measured on the train answers only")
-    else:
-        print(f"compression on held-out (dev) answers: {figures['dev_compression']:.3f} units per token")
+    print(compression_summary(figures))
     return 0
