@@ -278,3 +278,10 @@ def test_cli_train_language_writes_a_codec_and_prints_compression(
     codec = UnitLanguageCodec.load(tmp_path / "unit_language.json")
     assert codec.num_units == K and codec.vocab_size <= 30
     assert "compression on held-out (dev) answers" in capsys.readouterr().out
+
+
+def test_compression_summary_names_the_held_out_ratio_or_its_absence() -> None:
+    held_out = unit_language.compression_summary({"train_compression": 2.5, "dev_compression": 2.3715})
+    assert held_out == "compression on held-out (dev) answers: 2.372 units per token"
+    none_held_out = unit_language.compression_summary({"train_compression": 2.5352, "dev_compression": None})
+    assert "no held-out compression ratio" in none_held_out and "train answers: 2.535" in none_held_out
