@@ -142,6 +142,62 @@ def optimizer_step(
     optimizer.step()
 
 
+AVERAGE_FILE = "average.safetensors"  # beside a checkpoint's model.safetensors
+
+
+class WeightAverage:
+    """An exponential moving average of a model's floating-point weights and buffers, the
+    averaged copy a trained generator is usually served with. Its decay warms up as
+    (1 + n) / (10 + n) over the first updates, so early weights do not linger."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ConfigError(f"weight average: decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.updates = 0
+        self.shadow = {
+            name: value.detach().clone() for name, value in model.state_dict().items() if value.is_floating_point()
+        }
+
+    def update(self, model: torch.nn.Module) -> None:
+        import torch
+
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        with torch.no_grad():
+            for name, value in model.state_dict().items():
+                if name in self.shadow:
+                    self.shadow[name].lerp_(value.detach(), 1.0 - decay)
+        self.updates += 1
+
+    def copy_to(self, model: torch.nn.Module) -> None:
+        """Puts the averaged weights into `model` (its integer buffers stay)."""
+        model.load_state_dict(self.shadow, strict=False)
+
+    def save(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {"updates": str(self.updates), "decay": str(self.decay)}
+        tensors = {name: value.detach().cpu().contiguous() for name, value in self.shadow.items()}
+        save_file(tensors, str(folder / "average.tmp.safetensors"), metadata=meta)
+        (folder / "average.tmp.safetensors").replace(folder / AVERAGE_FILE)
+
+    def load(self, folder: Path) -> bool:
+        """Resumes from `folder`'s average if it holds one; False (and no change) if not."""
+        from safetensors import safe_open
+
+        path = folder / AVERAGE_FILE
+        if not path.is_file():
+            return False
+        with safe_open(str(path), framework="pt") as stored:
+            missing = set(self.shadow) - set(stored.keys())
+            if missing:
+                raise ConfigError(f"{path}: no average for {sorted(missing)[:3]}")
+            self.shadow = {name: stored.get_tensor(name).to(value.device) for name, value in self.shadow.items()}
+            self.updates = int((stored.metadata() or {}).get("updates", 0))
+        return True
+
+
 def is_done(run_dir: Path, stage: str) -> bool:
     return (run_dir / stage / DONE_FILE).is_file()
 
@@ -230,15 +286,19 @@ RNG_KEY = "torch_rng_state"  # beside the optimizer tensors, whose keys are "<pa
 
 
 def save_training_state(
-    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, extra: Mapping[str, Any] = {}
+    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, extra: Mapping[str, Any] = {},
+    average: WeightAverage | None = None,
 ) -> None:
     """Weights (safetensors) + optimizer tensors and torch's CPU random state (safetensors) +
     JSON, written atomically enough for resume: the JSON names the step and is written last.
-    The random state makes a resumed run draw the dropout masks an unbroken one would."""
+    The random state makes a resumed run draw the dropout masks an unbroken one would. With
+    `average`, its weights are saved too."""
     import torch
     from safetensors.torch import save_file, save_model
 
     folder.mkdir(parents=True, exist_ok=True)
+    if average is not None:
+        average.save(folder)
     save_model(model, str(folder / "model.tmp.safetensors"))  # tied weights are stored once
     opt_state = optimizer.state_dict()
     tensors, layout = _flatten_optimizer(opt_state)
@@ -250,12 +310,15 @@ def save_training_state(
 
 
 def load_training_state(
-    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, average: WeightAverage | None = None
 ) -> tuple[int, dict[str, Any]]:
-    """Restores a checkpoint written by save_training_state; returns (step, extra) or (0, {})."""
+    """Restores a checkpoint written by save_training_state; returns (step, extra) or (0, {}).
+    An `average` is restored too when the checkpoint holds one (else it keeps its start)."""
     meta_path = folder / "state.json"
     if not meta_path.is_file():
         return 0, {}
+    if average is not None:
+        average.load(folder)
     import torch
     from safetensors.torch import load_file, load_model
 

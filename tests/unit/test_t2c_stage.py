@@ -186,9 +186,13 @@ def test_smoke_run_writes_a_loadable_decoder(tmp_path: Path, renders: list[str])
     assert json.loads((out / DONE_FILE).read_text())["steps"] == 6
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["plain", "dropout"])
-def test_cancelled_run_resumes_to_the_same_weights(tmp_path: Path, renders: list[str], dropout: float) -> None:
-    settings = {**SMOKE, "dropout": dropout, "unit_dropout": dropout}  # resume restores the random state
+@pytest.mark.parametrize(
+    "changes", [{}, {"dropout": 0.3, "unit_dropout": 0.3}, {"average_decay": 0.8}], ids=["plain", "dropout", "average"]
+)
+def test_cancelled_run_resumes_to_the_same_weights(
+    tmp_path: Path, renders: list[str], changes: dict[str, float]
+) -> None:
+    settings = {**SMOKE, **changes}  # resume restores the random state (dropout) and the average
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     make_run(straight)
     make_run(resumed)
@@ -204,6 +208,26 @@ def test_cancelled_run_resumes_to_the_same_weights(tmp_path: Path, renders: list
     b = load_part_weights(resumed / "t2c", "echo_decoder", EchoDecoder(config)).state_dict()
     for name, tensor in a.items():
         torch.testing.assert_close(b[name], tensor, msg=name)
+
+
+def test_the_weight_average_is_the_part_and_the_last_step_is_measured_beside_it(
+    tmp_path: Path, renders: list[str]
+) -> None:
+    from safetensors.torch import load_file
+
+    make_run(tmp_path)
+    summary = run_stage(t2c.run, context(tmp_path, {**SMOKE, "average_decay": 0.8}))
+    out = tmp_path / "t2c"
+    part = load_file(str(out / "echo_decoder.safetensors"))
+    averaged = load_file(str(out / "checkpoint" / "average.safetensors"))
+    last = load_file(str(out / "checkpoint" / "model.safetensors"))
+    assert all(torch.equal(part[name], averaged[name]) for name in part)
+    assert any(not torch.equal(part[name], last[name]) for name in part)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert round(metrics["dev_loss"], 4) == summary["dev_loss"]  # the averaged decoder's figures
+    assert metrics["last_step_dev_loss"] != metrics["dev_loss"] and 0 <= metrics["last_step_dev_accuracy"] <= 1
+    with pytest.raises(EchoXError, match="average_decay"):
+        t2c.T2CSettings.from_mapping({"average_decay": -0.1})
 
 
 def test_dropout_reaches_the_saved_decoder_and_only_acts_in_training(tmp_path: Path, renders: list[str]) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from echox.errors import EchoXError
+from echox.errors import ConfigError, EchoXError
 from training import recipe as recipe_module
 from training.jsonl import read_jsonl, write_jsonl
 from training.recipe import RecipeError, load_recipe
@@ -21,6 +21,7 @@ from training.stage import (
     MetricsLog,
     StageCancelled,
     StageContext,
+    WeightAverage,
     load_training_state,
     optimizer_step,
     run_stage,
@@ -57,6 +58,31 @@ def test_training_state_round_trip_resumes_exactly(tmp_path: Path) -> None:
     _train(other, other_opt, 2)  # same updates only if the optimizer moments were restored
     for a, b in zip(model.parameters(), other.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_weight_average_follows_the_weights_with_a_warming_decay(tmp_path: Path) -> None:
+    model, optimizer = _model_and_optimizer(0)
+    first = {name: value.clone() for name, value in model.state_dict().items()}
+    average = WeightAverage(model, decay=0.5)
+    _train(model, optimizer, 1)
+    average.update(model)  # the first decay is min(0.5, 1 / 10): mostly the new weights
+    for name, value in model.state_dict().items():
+        assert torch.allclose(average.shadow[name], 0.1 * first[name] + 0.9 * value)
+    second = {name: value.clone() for name, value in average.shadow.items()}
+    _train(model, optimizer, 1)
+    average.update(model)  # then min(0.5, 2 / 11)
+    for name, value in model.state_dict().items():
+        assert torch.allclose(average.shadow[name], 2 / 11 * second[name] + 9 / 11 * value)
+    fresh, _ = _model_and_optimizer(1)
+    average.copy_to(fresh)
+    assert all(torch.equal(fresh.state_dict()[name], average.shadow[name]) for name in average.shadow)
+    average.save(tmp_path)
+    resumed = WeightAverage(fresh, decay=0.5)
+    assert resumed.load(tmp_path) and resumed.updates == 2
+    assert all(torch.equal(resumed.shadow[name], average.shadow[name]) for name in average.shadow)
+    assert not WeightAverage(fresh, decay=0.5).load(tmp_path / "none")
+    with pytest.raises(ConfigError, match="decay"):
+        WeightAverage(fresh, decay=1.0)
 
 
 def test_no_checkpoint_means_step_zero(tmp_path: Path) -> None:

@@ -287,6 +287,30 @@ def test_stage_resumes_after_a_cancel(units_run: Path, tmp_path: Path) -> None:
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_weight_average_is_the_part_and_resumes_with_the_vocoder(units_run: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    settings = _settings(steps=6, average_decay=0.9)
+    unbroken = _copy_inputs(units_run, tmp_path / "unbroken")
+    run_stage(vocoder.run, StageContext(run_dir=unbroken, stage="vocoder", settings=settings))
+    part = load_file(str(unbroken / "vocoder" / "vocoder.safetensors"))
+    averaged = load_file(str(unbroken / "vocoder" / "checkpoint" / "average.safetensors"))
+    last = load_file(str(unbroken / "vocoder" / "checkpoint" / "model.safetensors"))
+    assert all(torch.equal(part[name], averaged[name]) for name in part)  # the part is the average
+    assert any(not torch.equal(part[name], last[name]) for name in part)  # not the last step's weights
+    run_dir = _copy_inputs(units_run, tmp_path / "resumed")
+    cancel = threading.Event()
+    ctx = StageContext(run_dir=run_dir, stage="vocoder", settings=settings,
+                       reporter=CountingReporter(cancel, cancel_at=3), cancel=cancel)
+    with pytest.raises(StageCancelled):
+        run_stage(vocoder.run, ctx)
+    run_stage(vocoder.run, StageContext(run_dir=run_dir, stage="vocoder", settings=settings))
+    resumed = load_file(str(run_dir / "vocoder" / "vocoder.safetensors"))
+    assert all(torch.allclose(resumed[name], part[name], atol=1e-6) for name in part)  # as if unbroken
+    with pytest.raises(EchoXError, match="average_decay"):
+        vocoder.VocoderSettings.from_mapping({"average_decay": 1.0})
+
+
 def test_discriminator_joins_late_and_resumes_with_the_vocoder(units_run: Path, tmp_path: Path) -> None:
     run_dir = _copy_inputs(units_run, tmp_path)
     gan = {"adversarial_weight": 1.0, "feature_matching_weight": 2.0, "adversarial_start": 0.5,

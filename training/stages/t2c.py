@@ -44,6 +44,7 @@ from training.jsonl import read_jsonl, write_jsonl
 from training.stage import (
     MetricsLog,
     StageContext,
+    WeightAverage,
     load_training_state,
     optimizer_step,
     save_training_state,
@@ -81,6 +82,9 @@ class T2CSettings:
     eval_every: int = 200
     checkpoint_every: int = 200
     max_minutes: float = 8.0  # training time cap; the LR schedule ends by then too; 0: none
+    # An exponential moving average of the weights (decay per step), saved as the part in place of
+    # the last step's weights; 0: none. The last step's weights stay in checkpoint/.
+    average_decay: float = 0.0
     sentence_pieces: bool = True
     questions: bool = True  # every question phrasing of the fact base, said in the agent voice
     word_repeats: int = 0  # phrases in which each fact-base word is heard this often (0: none)
@@ -99,6 +103,8 @@ class T2CSettings:
         settings = cls(**kwargs)
         if not (0.0 <= settings.dropout < 1.0 and 0.0 <= settings.unit_dropout < 1.0):
             raise EchoXError("t2c: dropout and unit_dropout must be in [0, 1)")
+        if not 0.0 <= settings.average_decay < 1.0:
+            raise EchoXError(f"t2c: average_decay must be in [0, 1), got {settings.average_decay}")
         return settings
 
 
@@ -454,7 +460,8 @@ def train_decoder(
 ) -> TrainResult:
     """AdamW with warmup + cosine over steps or `max_minutes` of training, whichever ends first;
     resumes from `checkpoint/`, evaluates on dev every `eval_every` steps, checkpoints every
-    `checkpoint_every` steps and at the end."""
+    `checkpoint_every` steps and at the end. With `average_decay` the decoder leaves with the
+    averaged weights, and the last step's dev figures are kept beside theirs."""
     train = [e for e in examples if e.split == "train"]
     dev = [e for e in examples if e.split == "dev"]
     if not train:
@@ -464,7 +471,8 @@ def train_decoder(
         lr=settings.learning_rate, betas=(0.9, 0.98), weight_decay=settings.weight_decay,
     )
     state_dir = ctx.out / CHECKPOINT_DIR
-    step, extra = load_training_state(state_dir, decoder, optimizer)
+    average = WeightAverage(decoder, settings.average_decay) if settings.average_decay else None
+    step, extra = load_training_state(state_dir, decoder, optimizer, average)
     batches = training_batches([sequence_length(e) for e in train], settings.batch_tokens, ctx.seed, step)
     metrics = MetricsLog(ctx.out)
     ctx.reporter.start(ctx.stage, settings.steps)
@@ -481,6 +489,8 @@ def train_decoder(
         batch = collate(chosen, text.tokenizer, decoder.config.text_vocab_size)
         loss, _, _ = batch_loss(decoder, batch, text.table, settings.unit_dropout)
         optimizer_step(optimizer, loss, decoder.parameters(), settings.grad_clip)
+        if average is not None:
+            average.update(decoder)
         step += 1
         elapsed = elapsed_before + time.perf_counter() - started
         progress = schedule_progress(step, settings.steps, elapsed, settings.max_minutes)
@@ -493,13 +503,17 @@ def train_decoder(
             metrics.add(step, **figures)
             ctx.reporter.log(f"t2c step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in figures.items()))
         if step % settings.checkpoint_every == 0:
-            save_training_state(state_dir, decoder, optimizer, step, {"elapsed_s": elapsed})
+            save_training_state(state_dir, decoder, optimizer, step, {"elapsed_s": elapsed}, average)
             metrics.save()
     stopped_early = step < settings.steps
     if stopped_early:
         ctx.reporter.log(f"t2c: time budget of {settings.max_minutes} min reached at step {step}")
-    save_training_state(state_dir, decoder, optimizer, step, {"elapsed_s": elapsed})
+    save_training_state(state_dir, decoder, optimizer, step, {"elapsed_s": elapsed}, average)
     dev_figures = evaluate(decoder, dev, text.tokenizer, text.table, settings.batch_tokens) if dev else {}
+    if average is not None:
+        metrics.set(**{f"last_step_{name}": value for name, value in dev_figures.items()})
+        average.copy_to(decoder)
+        dev_figures = evaluate(decoder, dev, text.tokenizer, text.table, settings.batch_tokens) if dev else {}
     metrics.add(step, **dev_figures)
     metrics.set(final_step=step, stopped_early=stopped_early, **dev_figures)
     metrics.save()

@@ -50,6 +50,7 @@ from training.features import PitchConfig, UnitExtractor, continuous_log_f0, pit
 from training.stage import (
     MetricsLog,
     StageContext,
+    WeightAverage,
     load_training_state,
     optimizer_step,
     save_training_state,
@@ -104,6 +105,9 @@ class VocoderSettings:
     log_every: int = 25
     checkpoint_every: int = 250
     max_minutes: float = 8.0  # training time cap; the LR schedule ends by then too; 0: none
+    # An exponential moving average of the weights (decay per step), saved as the part in place of
+    # the last step's weights; 0: none. The last step's weights stay in checkpoint/.
+    average_decay: float = 0.0
     threads: int | None = None  # torch threads while training (None: leave torch's default)
     judge: bool = True  # score dev resyntheses with Whisper tiny.en (needs faster-whisper)
     judge_limit: int | None = None  # judge only the first N dev answers
@@ -125,6 +129,8 @@ class VocoderSettings:
             raise EchoXError("vocoder: steps, batch_size, segment_frames and duration_batch must be >= 1")
         if settings.duration_steps < 0:
             raise EchoXError(f"vocoder: duration_steps must be >= 0, got {settings.duration_steps}")
+        if not 0.0 <= settings.average_decay < 1.0:
+            raise EchoXError(f"vocoder: average_decay must be in [0, 1), got {settings.average_decay}")
         if min(settings.adversarial_weights) < 0 or not 0 <= settings.adversarial_start <= 1:
             raise EchoXError("vocoder: adversarial weights must be >= 0 and adversarial_start in [0, 1]")
         resolutions = settings.discriminator_resolutions
@@ -351,7 +357,7 @@ def train_vocoder(
 ) -> TrainResult:
     """AdamW with warmup + cosine over steps or `max_minutes` of training, whichever ends first;
     resumes from `checkpoint/`, checkpoints every `checkpoint_every` steps, when cancelled and at
-    the end."""
+    the end. With `average_decay` the model leaves with the averaged weights."""
     if not train:
         raise EchoXError("vocoder: no training answers")
     optimizer = torch.optim.AdamW(
@@ -359,7 +365,8 @@ def train_vocoder(
     )
     loss_fn = SpectralLoss(sample_rate=model.config.sample_rate)
     state_dir = ctx.out / CHECKPOINT_DIR
-    step, extra = load_training_state(state_dir, model, optimizer)
+    average = WeightAverage(model, settings.average_decay) if settings.average_decay else None
+    step, extra = load_training_state(state_dir, model, optimizer, average)
     adversary = _load_adversary(settings, state_dir)
     metrics = MetricsLog(ctx.out)
     for name, points in metrics.curves.items():  # a run killed after its checkpoint logged more
@@ -373,7 +380,7 @@ def train_vocoder(
     model.train()
     while progress < 1.0:
         if ctx.cancel.is_set():  # keep every finished step: the rerun continues from here
-            _save_state(state_dir, model, optimizer, adversary, step, elapsed)
+            _save_state(state_dir, model, optimizer, adversary, average, step, elapsed)
             metrics.save()
             ctx.check_cancelled()
         factor = warmup_cosine(step, settings.warmup_steps, progress, settings.min_lr_ratio)
@@ -385,6 +392,8 @@ def train_vocoder(
             shown = settings.discriminator_batch
             adversary.add_terms(parts, crops.audio[:shown], generated[:shown], settings.adversarial_weights, factor)
         optimizer_step(optimizer, parts["loss"], model.parameters(), settings.grad_clip)
+        if average is not None:
+            average.update(model)
         step += 1
         elapsed = elapsed_before + time.perf_counter() - started
         progress = schedule_progress(step, settings.steps, elapsed, settings.max_minutes)
@@ -395,14 +404,16 @@ def train_vocoder(
             metrics.add(step, **{name: sum(values) / len(values) for name, values in window.items()})
             window = {}
         if step % settings.checkpoint_every == 0:
-            _save_state(state_dir, model, optimizer, adversary, step, elapsed)
+            _save_state(state_dir, model, optimizer, adversary, average, step, elapsed)
             metrics.save()
     stopped_early = step < settings.steps
     if stopped_early:
         ctx.reporter.log(f"vocoder: time budget of {settings.max_minutes} min reached at step {step}")
-    _save_state(state_dir, model, optimizer, adversary, step, elapsed)
+    _save_state(state_dir, model, optimizer, adversary, average, step, elapsed)
     metrics.set(final_step=step, stopped_early=stopped_early)
     metrics.save()
+    if average is not None:
+        average.copy_to(model)
     final = {name: points[-1][1] for name, points in metrics.curves.items() if points}
     return TrainResult(step, final, stopped_early)
 
@@ -419,13 +430,13 @@ def _load_adversary(settings: VocoderSettings, state_dir: Path) -> Adversary | N
 
 
 def _save_state(
-    folder: Path, model: AnyVocoder, optimizer: torch.optim.Optimizer, adversary: Adversary | None, step: int,
-    elapsed: float,
+    folder: Path, model: AnyVocoder, optimizer: torch.optim.Optimizer, adversary: Adversary | None,
+    average: WeightAverage | None, step: int, elapsed: float,
 ) -> None:
     """The discriminator first: the vocoder's state.json, written last, names the step resumed."""
     if adversary is not None:
         save_training_state(folder / DISCRIMINATOR_DIR, adversary.discriminator, adversary.optimizer, step)
-    save_training_state(folder, model, optimizer, step, {"elapsed_s": elapsed})
+    save_training_state(folder, model, optimizer, step, {"elapsed_s": elapsed}, average)
 
 
 def fit_durations(
