@@ -154,6 +154,10 @@ class WeightAverage:
         if not 0.0 < decay < 1.0:
             raise ConfigError(f"weight average: decay must be in (0, 1), got {decay}")
         self.decay = decay
+        self.reset(model)
+
+    def reset(self, model: torch.nn.Module) -> None:
+        """Starts the average afresh from `model`'s weights."""
         self.updates = 0
         self.shadow = {
             name: value.detach().clone() for name, value in model.state_dict().items() if value.is_floating_point()
@@ -313,12 +317,11 @@ def load_training_state(
     folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, average: WeightAverage | None = None
 ) -> tuple[int, dict[str, Any]]:
     """Restores a checkpoint written by save_training_state; returns (step, extra) or (0, {}).
-    An `average` is restored too when the checkpoint holds one (else it keeps its start)."""
+    An `average` is restored too; a checkpoint written without one starts it from the weights
+    restored."""
     meta_path = folder / "state.json"
     if not meta_path.is_file():
         return 0, {}
-    if average is not None:
-        average.load(folder)
     import torch
     from safetensors.torch import load_file, load_model
 
@@ -329,6 +332,8 @@ def load_training_state(
     optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
     if rng_state is not None:  # checkpoints written before the random state was kept lack it
         torch.set_rng_state(rng_state)
+    if average is not None and not average.load(folder):
+        average.reset(model)
     return int(meta["step"]), dict(meta.get("extra", {}))
 
 

@@ -81,6 +81,13 @@ def test_weight_average_follows_the_weights_with_a_warming_decay(tmp_path: Path)
     assert resumed.load(tmp_path) and resumed.updates == 2
     assert all(torch.equal(resumed.shadow[name], average.shadow[name]) for name in average.shadow)
     assert not WeightAverage(fresh, decay=0.5).load(tmp_path / "none")
+    # A checkpoint written without an average: the average starts from the weights it restores.
+    save_training_state(tmp_path / "plain", model, optimizer, 2)
+    restored, restored_optimizer = _model_and_optimizer(3)
+    late = WeightAverage(restored, decay=0.5)
+    assert load_training_state(tmp_path / "plain", restored, restored_optimizer, late)[0] == 2
+    assert late.updates == 0
+    assert all(torch.equal(late.shadow[name], value) for name, value in model.state_dict().items())
     with pytest.raises(ConfigError, match="decay"):
         WeightAverage(fresh, decay=1.0)
 
