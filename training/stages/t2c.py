@@ -16,7 +16,7 @@ teach the decoder the sound of every word the LLM can say; the dev answers' own 
 recordings never enter training, so dev figures measure unseen sentences.
 
 Output (`RUN/t2c/`): `echo_decoder.safetensors` + `echo_decoder.json` (save_part), metrics.json,
-loss.png, and `checkpoint/` for resume.
+loss.png, and `checkpoint/` for resume (with `average.safetensors` when `average_decay` is set).
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ key words it hears, beside its share on the original espeak-ng recordings.
 
 Output (`RUN/vocoder/`): `vocoder.safetensors` + `vocoder.json` (save_part), metrics.json (loss
 curves, judge shares and misses), loss.png, `samples/` (a few dev resyntheses) and
-`checkpoint/` for resume (with `checkpoint/discriminator/` when there is one).
+`checkpoint/` for resume (with `checkpoint/discriminator/` when there is one, and
+`average.safetensors` when `average_decay` is set).
 """
 
 from __future__ import annotations
