@@ -1,7 +1,8 @@
 """Stage `units`: speech units of the agent's answers (features → k-means ids at 50 Hz).
 
 Features of every agent answer (`RUN/synth/answers.jsonl`) are computed: log-mel frames by
-default, or with `features: {kind: encoder, encoder_layers: N}` the states of the `asr` stage's
+default, MFCC frames with `features: {kind: mfcc}` (`training.features.Mfcc`), or with
+`features: {kind: encoder, encoder_layers: N}` the states of the `asr` stage's
 trained speech encoder after N layers (the recipe then runs `asr` before `units`). The train split fits
 the global normalisation and a k-means (k = `num_units`, deterministic for the seed); every
 answer, train and dev, is then turned into units, deduplicated, with the run lengths kept for
