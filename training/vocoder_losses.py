@@ -1,4 +1,5 @@
-"""The unit vocoder's training losses: spectral losses and an optional discriminator.
+"""The unit vocoder's training losses: spectral losses, an optional discriminator and an optional
+encoder-feature loss (`EncoderFeatureLoss`: the run's own trained speech encoder as the ear).
 
 Spectral losses (`SpectralLoss`, `head_loss`) converge fast on CPU, but L1 on log-magnitudes
 pulls each frame towards the average of what its units could mean: smeared formants, an
@@ -20,6 +21,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from echox.models.istft_vocoder import IstftVocoderConfig
+from echox.models.speech_encoder import SpeechEncoder
 from training.features import FeatureConfig, mel_filterbank
 
 
@@ -187,3 +189,55 @@ class Adversary:
         terms = self.generator_terms(real, fake)
         parts.update(terms)
         parts["loss"] = parts["loss"] + weights[0] * terms["adversarial"] + weights[1] * terms["feature_matching"]
+
+
+# --- the speech encoder's ear ------------------------------------------------------------
+
+
+def whisper_log_mel(audio: torch.Tensor, mel_filters: torch.Tensor) -> torch.Tensor:
+    """`WhisperFeatureExtractor`'s log-mel in torch, so gradients reach the audio: [B, S] →
+    [B, mels, S // 160]. Power STFT (400-sample Hann window, hop 160, reflect-padded), Slaney mel
+    filters [201, mels], log10, floored 8 below each clip's peak, scaled to about [-1, 1]."""
+    window = torch.hann_window(400, device=audio.device, dtype=audio.dtype)
+    spec = torch.stft(audio, 400, 160, window=window, center=True, pad_mode="reflect", return_complex=True)
+    power = spec[..., :-1].abs().square()
+    log_spec = (mel_filters.T @ power).clamp(min=1e-10).log10()
+    peak = log_spec.amax(dim=(1, 2), keepdim=True)
+    return (torch.maximum(log_spec, peak - 8.0) + 4.0) / 4.0
+
+
+class EncoderFeatureLoss(nn.Module):
+    """L1 between what a trained speech encoder makes of the generated and of the real audio,
+    layer by layer, each layer's distance relative to the real states' spread.
+
+    The spectral losses weigh every bin alike; the encoder (the run's `asr` stage, trained to
+    tell words apart in many voices) weighs what tells sounds apart, the judge's concern. Its
+    weights stay frozen; only the vocoder learns from it."""
+
+    def __init__(self, encoder: SpeechEncoder) -> None:
+        super().__init__()
+        self.whisper = encoder.whisper.eval().requires_grad_(False)
+        self.mel_filters: torch.Tensor
+        filters = torch.as_tensor(encoder.features.mel_filters, dtype=torch.float32)
+        self.register_buffer("mel_filters", filters, persistent=False)
+
+    def states(self, audio: torch.Tensor) -> list[torch.Tensor]:
+        """The states after each encoder layer, [B, S // 320, d] each."""
+        hidden = F.gelu(self.whisper.conv1(whisper_log_mel(audio, self.mel_filters)))
+        hidden = F.gelu(self.whisper.conv2(hidden)).permute(0, 2, 1)
+        hidden = hidden + self.whisper.embed_positions.weight[: hidden.shape[1]]
+        out = []
+        for layer in self.whisper.layers:  # as training.stages.asr.encode_window runs them
+            hidden = layer(hidden, None)
+            out.append(hidden)
+        return out
+
+    def forward(self, predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            real = self.states(target)
+        fake = self.states(predicted)
+        # Each layer's distance relative to how much its real states vary (positions and biases,
+        # shared by both sides, would otherwise dilute it).
+        spread = [(r - r.mean(dim=(0, 1))).abs().mean().clamp(min=1e-5) for r in real]
+        terms = [(f - r).abs().mean() / s for f, r, s in zip(fake, real, spread, strict=True)]
+        return torch.stack(terms).mean()

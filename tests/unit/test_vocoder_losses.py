@@ -1,5 +1,5 @@
 """The vocoder's discriminator and its losses: shapes, where gradients go, and that it learns to
-tell real speech-like audio from generated noise."""
+tell real speech-like audio from generated noise; the speech-encoder feature loss."""
 
 from __future__ import annotations
 
@@ -8,7 +8,15 @@ import math
 import pytest
 import torch
 
-from training.vocoder_losses import Adversary, MultiResolutionDiscriminator, discriminator_loss, generator_losses
+from echox.models.speech_encoder import SpeechEncoder, SpeechEncoderConfig
+from training.vocoder_losses import (
+    Adversary,
+    EncoderFeatureLoss,
+    MultiResolutionDiscriminator,
+    discriminator_loss,
+    generator_losses,
+    whisper_log_mel,
+)
 
 RESOLUTIONS = (64, 128)
 
@@ -80,3 +88,36 @@ def test_add_terms_raises_the_loss_by_the_weighted_terms() -> None:
     expected = 1.0 + 0.5 * float(parts["adversarial"]) + 2.0 * float(parts["feature_matching"])
     assert float(parts["loss"]) == pytest.approx(expected)
     assert float(parts["adversarial"]) > 0 and float(parts["feature_matching"]) > 0
+
+
+# --- the speech encoder's ear ------------------------------------------------------------
+
+
+def _micro_encoder() -> SpeechEncoder:
+    config = SpeechEncoderConfig(d_model=16, num_layers=2, num_heads=2, ffn_dim=32, num_mel_bins=80,
+                                 max_source_positions=50)
+    return SpeechEncoder(config).eval()
+
+
+def test_whisper_log_mel_in_torch_is_the_feature_extractors() -> None:
+    encoder = _micro_encoder()
+    audio = (_tone(1, 50 * 320)[0] + 0.01 * torch.randn(50 * 320, generator=torch.Generator().manual_seed(0)))
+    expected = encoder.log_mel(audio.numpy())
+    filters = torch.as_tensor(encoder.features.mel_filters, dtype=torch.float32)
+    assert torch.allclose(whisper_log_mel(audio[None], filters), expected, atol=1e-4)
+
+
+def test_encoder_feature_loss_is_zero_for_a_copy_and_trains_only_the_audio() -> None:
+    encoder = _micro_encoder()
+    before = {name: p.clone() for name, p in encoder.named_parameters()}
+    ear = EncoderFeatureLoss(encoder)
+    real = _tone(3, 4800)
+    assert float(ear(real.clone(), real)) == pytest.approx(0.0, abs=1e-6)
+    noisy = (real + 0.05 * torch.randn(real.shape, generator=torch.Generator().manual_seed(1))).requires_grad_()
+    louder_noise = real + 0.3 * torch.randn(real.shape, generator=torch.Generator().manual_seed(1))
+    loss = ear(noisy, real)
+    assert 0 < float(loss.detach()) < float(ear(louder_noise, real))
+    loss.backward()  # type: ignore[no-untyped-call]
+    assert noisy.grad is not None and noisy.grad.abs().sum() > 0
+    assert all(p.grad is None and torch.equal(p, before[name]) for name, p in encoder.named_parameters())
+    assert len(ear.states(real)) == 2 and ear.states(real)[0].shape == (3, 4800 // 320, 16)

@@ -47,7 +47,7 @@ from echox.models.istft_vocoder import IstftVocoder, IstftVocoderConfig
 from echox.models.vocoder import VocoderConfig
 from echox.models.vocoders import AnyVocoder, AnyVocoderConfig, build_vocoder
 from echox.units.codec import expand
-from training.features import PitchConfig, UnitExtractor, continuous_log_f0, pitch_track
+from training.features import PitchConfig, UnitExtractor, continuous_log_f0, load_speech_encoder, pitch_track
 from training.stage import (
     MetricsLog,
     StageContext,
@@ -61,7 +61,7 @@ from training.stage import (
     warmup_cosine,
 )
 from training.stages.units import answers_with_units
-from training.vocoder_losses import Adversary, SpectralLoss, head_loss
+from training.vocoder_losses import Adversary, EncoderFeatureLoss, SpectralLoss, head_loss
 
 PART_NAME = "vocoder"
 CHECKPOINT_DIR = "checkpoint"
@@ -109,6 +109,10 @@ class VocoderSettings:
     # An exponential moving average of the weights (decay per step), saved as the part in place of
     # the last step's weights; 0: none. The last step's weights stay in checkpoint/.
     average_decay: float = 0.0
+    # The run's trained speech encoder as an ear (EncoderFeatureLoss) on the first N crops of each
+    # step; needs the asr stage before this one. 0: none.
+    encoder_feature_weight: float = 0.0
+    encoder_feature_batch: int = 8
     threads: int | None = None  # torch threads while training (None: leave torch's default)
     judge: bool = True  # score dev resyntheses with Whisper tiny.en (needs faster-whisper)
     judge_limit: int | None = None  # judge only the first N dev answers
@@ -126,8 +130,10 @@ class VocoderSettings:
         settings = cls(**kwargs)
         if settings.architecture not in (ISTFT, HIFIGAN):
             raise EchoXError(f"vocoder: architecture must be {ISTFT!r} or {HIFIGAN!r}, got {settings.architecture!r}")
-        if min(settings.steps, settings.batch_size, settings.segment_frames, settings.duration_batch) < 1:
-            raise EchoXError("vocoder: steps, batch_size, segment_frames and duration_batch must be >= 1")
+        sizes = (settings.steps, settings.batch_size, settings.segment_frames, settings.duration_batch)
+        if min(sizes) < 1 or settings.encoder_feature_batch < 1 or settings.encoder_feature_weight < 0:
+            raise EchoXError("vocoder: steps, batch_size, segment_frames, duration_batch and encoder_feature_batch "
+                             "must be >= 1, encoder_feature_weight >= 0")
         if settings.duration_steps < 0:
             raise EchoXError(f"vocoder: duration_steps must be >= 0, got {settings.duration_steps}")
         if not 0.0 <= settings.average_decay < 1.0:
@@ -354,7 +360,8 @@ def _step_losses(
 
 
 def train_vocoder(
-    ctx: StageContext, model: AnyVocoder, train: Sequence[Utterance], settings: VocoderSettings
+    ctx: StageContext, model: AnyVocoder, train: Sequence[Utterance], settings: VocoderSettings,
+    ear: EncoderFeatureLoss | None = None,
 ) -> TrainResult:
     """AdamW with warmup + cosine over steps or `max_minutes` of training, whichever ends first;
     resumes from `checkpoint/`, checkpoints every `checkpoint_every` steps, when cancelled and at
@@ -392,6 +399,10 @@ def train_vocoder(
         if adversary is not None and progress >= settings.adversarial_start:
             shown = settings.discriminator_batch
             adversary.add_terms(parts, crops.audio[:shown], generated[:shown], settings.adversarial_weights, factor)
+        if ear is not None:
+            heard = settings.encoder_feature_batch
+            parts["encoder_feature"] = ear(generated[:heard], crops.audio[:heard])
+            parts["loss"] = parts["loss"] + settings.encoder_feature_weight * parts["encoder_feature"]
         optimizer_step(optimizer, parts["loss"], model.parameters(), settings.grad_clip)
         if average is not None:
             average.update(model)
@@ -564,8 +575,9 @@ def _run(ctx: StageContext, settings: VocoderSettings) -> dict[str, Any]:
     if texts:
         ctx.reporter.log(f"vocoder: rendering {len(texts)} more agent-voice texts (questions, answer variants)")
         train += rendered_utterances(texts, units_dir, voice, config.hop_length)
+    ear = EncoderFeatureLoss(load_speech_encoder(ctx.input("asr"))) if settings.encoder_feature_weight else None
     started = time.perf_counter()
-    result = train_vocoder(ctx, model, train, settings)
+    result = train_vocoder(ctx, model, train, settings, ear)
     duration_fit = fit_durations(ctx, model, train, settings)
     train_seconds = time.perf_counter() - started
     save_part(ctx.out, PART_NAME, model, config)
