@@ -12,7 +12,8 @@ espeak-ng and learns from them too: 279 train answers are only 10 minutes of spe
 Losses (`training/vocoder_losses.py`) converge fast on CPU without a discriminator:
 multi-resolution STFT (spectral convergence + log-magnitude L1) and log-mel L1 on the waveform.
 `adversarial_weight` and `feature_matching_weight` add a multi-resolution spectrogram
-discriminator for the later part of the schedule (`adversarial_start`). The default architecture
+discriminator for the later part of the schedule (`adversarial_start`); `encoder_feature_weight`
+the asr stage's encoder as an ear (`EncoderFeatureLoss`). The default architecture
 is the iSTFT head (`echox.models.istft_vocoder`): its network runs at 50 Hz, so it trains in
 minutes on two cores; `architecture: hifigan` trains `UnitVocoder` with the same losses.
 
