@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from echox.models.istft_vocoder import IstftVocoderConfig
-from echox.models.speech_encoder import SpeechEncoder
+from echox.models.speech_encoder import HOP_LENGTH, SpeechEncoder
 from training.features import FeatureConfig, mel_filterbank
 
 
@@ -198,8 +198,9 @@ def whisper_log_mel(audio: torch.Tensor, mel_filters: torch.Tensor) -> torch.Ten
     """`WhisperFeatureExtractor`'s log-mel in torch, so gradients reach the audio: [B, S] →
     [B, mels, S // 160]. Power STFT (400-sample Hann window, hop 160, reflect-padded), Slaney mel
     filters [201, mels], log10, floored 8 below each clip's peak, scaled to about [-1, 1]."""
-    window = torch.hann_window(400, device=audio.device, dtype=audio.dtype)
-    spec = torch.stft(audio, 400, 160, window=window, center=True, pad_mode="reflect", return_complex=True)
+    n_fft = 400  # SpeechEncoder's feature extractor's
+    window = torch.hann_window(n_fft, device=audio.device, dtype=audio.dtype)
+    spec = torch.stft(audio, n_fft, HOP_LENGTH, window=window, center=True, pad_mode="reflect", return_complex=True)
     power = spec[..., :-1].abs().square()
     log_spec = (mel_filters.T @ power).clamp(min=1e-10).log10()
     peak = log_spec.amax(dim=(1, 2), keepdim=True)
