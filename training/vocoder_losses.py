@@ -23,6 +23,7 @@ from torch.nn.utils.parametrizations import weight_norm
 from echox.models.istft_vocoder import IstftVocoderConfig
 from echox.models.speech_encoder import HOP_LENGTH, SpeechEncoder
 from training.features import FeatureConfig, mel_filterbank
+from training.stages.asr import layer_states
 
 
 class SpectralLoss(nn.Module):
@@ -224,14 +225,7 @@ class EncoderFeatureLoss(nn.Module):
 
     def states(self, audio: torch.Tensor) -> list[torch.Tensor]:
         """The states after each encoder layer, [B, S // 320, d] each."""
-        hidden = F.gelu(self.whisper.conv1(whisper_log_mel(audio, self.mel_filters)))
-        hidden = F.gelu(self.whisper.conv2(hidden)).permute(0, 2, 1)
-        hidden = hidden + self.whisper.embed_positions.weight[: hidden.shape[1]]
-        out = []
-        for layer in self.whisper.layers:  # as training.stages.asr.encode_window runs them
-            hidden = layer(hidden, None)
-            out.append(hidden)
-        return out
+        return layer_states(self.whisper, whisper_log_mel(audio, self.mel_filters))
 
     def forward(self, predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from echox.models.speech_encoder import SpeechEncoder, SpeechEncoderConfig
+from tests.unit.test_encoder_units import ENCODER, micro_encoder
 from training.vocoder_losses import (
     Adversary,
     EncoderFeatureLoss,
@@ -93,22 +93,17 @@ def test_add_terms_raises_the_loss_by_the_weighted_terms() -> None:
 # --- the speech encoder's ear ------------------------------------------------------------
 
 
-def _micro_encoder() -> SpeechEncoder:
-    config = SpeechEncoderConfig(d_model=16, num_layers=2, num_heads=2, ffn_dim=32, num_mel_bins=80,
-                                 max_source_positions=50)
-    return SpeechEncoder(config).eval()
-
-
 def test_whisper_log_mel_in_torch_is_the_feature_extractors() -> None:
-    encoder = _micro_encoder()
-    audio = (_tone(1, 50 * 320)[0] + 0.01 * torch.randn(50 * 320, generator=torch.Generator().manual_seed(0)))
+    encoder = micro_encoder()
+    samples = ENCODER.max_source_positions * 320  # the whole window: the extractor pads to it
+    audio = _tone(1, samples)[0] + 0.01 * torch.randn(samples, generator=torch.Generator().manual_seed(0))
     expected = encoder.log_mel(audio.numpy())
     filters = torch.as_tensor(encoder.features.mel_filters, dtype=torch.float32)
     assert torch.allclose(whisper_log_mel(audio[None], filters), expected, atol=1e-4)
 
 
 def test_encoder_feature_loss_is_zero_for_a_copy_and_trains_only_the_audio() -> None:
-    encoder = _micro_encoder()
+    encoder = micro_encoder()
     before = {name: p.clone() for name, p in encoder.named_parameters()}
     ear = EncoderFeatureLoss(encoder)
     real = _tone(3, 4800)
@@ -120,4 +115,4 @@ def test_encoder_feature_loss_is_zero_for_a_copy_and_trains_only_the_audio() -> 
     loss.backward()  # type: ignore[no-untyped-call]
     assert noisy.grad is not None and noisy.grad.abs().sum() > 0
     assert all(p.grad is None and torch.equal(p, before[name]) for name, p in encoder.named_parameters())
-    assert len(ear.states(real)) == 2 and ear.states(real)[0].shape == (3, 4800 // 320, 16)
+    assert len(ear.states(real)) == 2 and ear.states(real)[0].shape == (3, 4800 // 320, ENCODER.d_model)

@@ -396,15 +396,14 @@ def test_answer_variants_add_rendered_agent_speech_but_never_a_dev_answer(units_
 
 def test_encoder_feature_loss_reads_the_asr_stages_encoder(units_run: Path, tmp_path: Path) -> None:
     from echox.checkpoint import save_part
-    from echox.models.speech_encoder import SpeechEncoder, SpeechEncoderConfig
+    from tests.unit.test_encoder_units import micro_encoder
     from training.features import ENCODER_PART
 
     run_dir = _copy_inputs(units_run, tmp_path)
     settings = _settings(steps=3, encoder_feature_weight=0.5, encoder_feature_batch=1)
     with pytest.raises(FileNotFoundError, match="asr"):  # the recipe must run asr first
         run_stage(vocoder.run, StageContext(run_dir=run_dir, stage="vocoder", settings=settings))
-    encoder = SpeechEncoder(SpeechEncoderConfig(d_model=16, num_layers=2, num_heads=2, ffn_dim=32,
-                                                num_mel_bins=80, max_source_positions=50))
+    encoder = micro_encoder()
     save_part(run_dir / "asr", ENCODER_PART, encoder, encoder.config)
     (run_dir / "asr" / DONE_FILE).write_text("{}\n")
     run_stage(vocoder.run, StageContext(run_dir=run_dir, stage="vocoder", settings=settings))

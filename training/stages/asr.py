@@ -328,21 +328,30 @@ def whisper_config(encoder: SpeechEncoderConfig, tokenizer: TextTokenizer, setti
     return config
 
 
-def encode_window(encoder: WhisperEncoder, features: torch.Tensor, layers: int = 0) -> torch.Tensor:
-    """WhisperEncoder.forward on the first frames of its window: [B, mels, 2T] → [B, T, d].
-    Identical to the HF forward when given the whole window (tests check it). With `layers` < the
-    encoder's depth, the states after that many layers (no final norm; 0 = all)."""
+def layer_states(encoder: WhisperEncoder, features: torch.Tensor, layers: int = 0) -> list[torch.Tensor]:
+    """The states after each of the first `layers` layers (0 = all; no final norm) for the first
+    frames of the window: [B, mels, 2T] → a list of [B, T, d]."""
     hidden = F.gelu(encoder.conv1(features))
     hidden = F.gelu(encoder.conv2(hidden)).permute(0, 2, 1)
     hidden = hidden + encoder.embed_positions.weight[: hidden.shape[1]]
     hidden = F.dropout(hidden, p=encoder.dropout, training=encoder.training)
     depth = len(encoder.layers) if layers <= 0 else min(layers, len(encoder.layers))
+    states = []
     for layer in encoder.layers[:depth]:
         hidden = layer(hidden, None)
-    if depth < len(encoder.layers):
-        return hidden
-    states: torch.Tensor = encoder.layer_norm(hidden)
+        states.append(hidden)
     return states
+
+
+def encode_window(encoder: WhisperEncoder, features: torch.Tensor, layers: int = 0) -> torch.Tensor:
+    """WhisperEncoder.forward on the first frames of its window: [B, mels, 2T] → [B, T, d].
+    Identical to the HF forward when given the whole window (tests check it). With `layers` < the
+    encoder's depth, the states after that many layers (no final norm; 0 = all)."""
+    states = layer_states(encoder, features, layers)
+    if len(states) < len(encoder.layers):
+        return states[-1]
+    normed: torch.Tensor = encoder.layer_norm(states[-1])
+    return normed
 
 
 def batch_loss(
